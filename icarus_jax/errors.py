@@ -1,0 +1,25 @@
+"""Exception types raised by icarus-jax.
+
+Every error subclasses ``ValueError`` so callers that only know the standard
+library still catch them; the subclasses let servers map them to status codes.
+"""
+
+
+class IcarusError(ValueError):
+  """Base class of every error raised on bad user input."""
+
+
+class ConfigError(IcarusError):
+  """A model config is missing fields, has inconsistent sizes or names an unknown architecture."""
+
+
+class CheckpointError(IcarusError):
+  """A checkpoint directory or file is malformed (missing/mis-shaped tensor, truncated file...)."""
+
+
+class AdapterGateError(IcarusError):
+  """An adapter would change the encoder's K/V, so it cannot share the ICaRus cache."""
+
+
+class FingerprintMismatchError(IcarusError):
+  """An adapter was trained on another base model than the one it is applied to."""

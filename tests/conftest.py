@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny random base model and adapters, built once per session."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from icarus_jax import init_adapter, init_base_params, tiny_config  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+HF_FIXTURES = FIXTURES / "hf"
+
+
+@pytest.fixture(scope="session")
+def tiny():
+  cfg = tiny_config()
+  params = init_base_params(cfg, jax.random.key(0), scale=0.1)
+  return cfg, params
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny):
+  """Three random ICaRus-LoRA adapters with non-zero B (so they really differ from the base)."""
+  cfg, params = tiny
+  return [init_adapter(cfg, jax.random.key(10 + i), name=f"agent{i}", base_params=params,
+                       rank=4 + 2 * i, b_std=0.05) for i in range(3)]
+
+
+@pytest.fixture
+def rng():
+  return np.random.RandomState(1234)
