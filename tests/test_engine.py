@@ -1,0 +1,300 @@
+"""Serving engine: equality with the naive reference, cross-model reuse, fan-out, page
+accounting, preemption, tenant isolation, errors and the bounded number of compiled programs."""
+
+import jax
+import numpy as np
+import pytest
+
+from icarus_jax import FingerprintMismatchError, IcarusError, init_adapter, init_base_params
+from icarus_jax import engine_steps
+from icarus_jax.engine import Engine, RequestTooLargeError, UnknownAdapterError
+from icarus_jax.reference import reference_generate
+from icarus_jax.sampling import SamplingParams
+
+PS = 8          # page size
+NUM_PAGES = 64
+MODES = ["icarus", "isolated"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny):
+  cfg, params = tiny
+  ads = {}
+  for mode in MODES:
+    kind = "icarus_lora" if mode == "icarus" else "lora"
+    ads[mode] = [init_adapter(cfg, jax.random.key(20 + i), name=f"agent{i}", kind=kind,
+                              base_params=params, rank=4 + 2 * i, b_std=0.05) for i in range(3)]
+  return cfg, params, ads
+
+
+def make_engine(setup, mode, num_pages=NUM_PAGES, n_adapters=3, **kw):
+  cfg, params, ads = setup
+  kw = {"page_size": PS, "max_batch": 4, "prefill_chunk": 16, **kw}
+  eng = Engine(cfg, params, mode=mode, num_pages=num_pages, **kw)
+  for a in ads[mode][:n_adapters]:
+    eng.add_adapter(a)
+  return eng
+
+
+def ref(setup, eng, adapter, prompt, n):
+  cfg, params, _ = setup
+  ad = None if adapter is None else eng.adapters[adapter]
+  return reference_generate(cfg, params, ad, prompt, n)
+
+
+def prompts(seed, lengths):
+  rng = np.random.RandomState(seed)
+  return [list(rng.randint(0, 256, n)) for n in lengths]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mixed_batches_equal_naive_reference(setup, mode):
+  """Base + 3 adapters, prompt lengths around page boundaries, different output lengths, and
+  requests joining while others run."""
+  eng = make_engine(setup, mode)
+  names = [None, "agent0", "agent1", "agent2"]
+  first = prompts(1, [PS - 1, PS, PS + 1, 2 * PS + 3])
+  max_toks = [9, 4, 12, 7]
+  rids = [eng.submit(p, names[i], SamplingParams(max_tokens=max_toks[i])) for i, p in enumerate(first)]
+  for _ in range(3):
+    eng.step()
+  late = prompts(2, [1, 3 * PS, 37])
+  late_names = ["agent2", None, "agent1"]
+  rids += [eng.submit(p, n, SamplingParams(max_tokens=6)) for p, n in zip(late, late_names)]
+  list(eng.run())
+  for rid, p, n, m in zip(rids, first + late, names + late_names, max_toks + [6, 6, 6]):
+    out = eng.outputs[rid]
+    assert out.finish_reason == "length"
+    assert out.output_tokens == ref(setup, eng, n, p, m), (mode, n, len(p))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_long_prompt_is_chunked(setup, mode):
+  eng = make_engine(setup, mode)
+  p = prompts(3, [53])[0]  # 4 chunks of <= 16 tokens
+  out = eng.generate([p], ["agent1"], SamplingParams(max_tokens=5))[0]
+  assert out.output_tokens == ref(setup, eng, "agent1", p, 5)
+  assert eng.stats.prefill_tokens_computed == 53
+
+
+def test_cross_model_reuse_icarus(setup):
+  """Agent A answers; agent B gets A's prompt + answer + a new question and computes only the
+  new tokens; its output equals the naive reference."""
+  eng = make_engine(setup, "icarus")
+  prompt_a = prompts(4, [21])[0]
+  out_a = eng.generate([prompt_a], ["agent0"], SamplingParams(max_tokens=6))[0]
+  question = prompts(5, [11])[0]
+  # The K/V of A's final sampled token were never computed (generation stopped right after
+  # sampling it), so B computes that one token plus the question.
+  prompt_b = prompt_a + out_a.output_tokens + question
+  before = eng.stats.prefill_tokens_computed
+  out_b = eng.generate([prompt_b], ["agent1"], SamplingParams(max_tokens=6))[0]
+  computed = eng.stats.prefill_tokens_computed - before
+  assert computed == len(question) + 1
+  assert out_b.num_cached_tokens == len(prompt_b) - len(question) - 1
+  assert out_b.output_tokens == ref(setup, eng, "agent1", prompt_b, 6)
+  # When the reused context ends at a token whose K/V exist (A's answer without its final
+  # token, as when that token is a stop token), B computes exactly the question's tokens.
+  prompt_c = prompt_a + out_a.output_tokens[:-1] + question
+  before = eng.stats.prefill_tokens_computed
+  out_c = eng.generate([prompt_c], ["agent2"], SamplingParams(max_tokens=4))[0]
+  assert eng.stats.prefill_tokens_computed - before == len(question)
+  assert out_c.output_tokens == ref(setup, eng, "agent2", prompt_c, 4)
+  assert eng.stats.hit_rate("agent2") == pytest.approx((len(prompt_c) - len(question)) / len(prompt_c))
+
+
+def test_cross_model_reuse_isolated_recomputes(setup):
+  eng = make_engine(setup, "isolated")
+  prompt_a = prompts(4, [21])[0]
+  out_a = eng.generate([prompt_a], ["agent0"], SamplingParams(max_tokens=6))[0]
+  prompt_b = prompt_a + out_a.output_tokens + prompts(5, [11])[0]
+  before = eng.stats.prefill_tokens_computed
+  out_b = eng.generate([prompt_b], ["agent1"], SamplingParams(max_tokens=6))[0]
+  assert eng.stats.prefill_tokens_computed - before == len(prompt_b)
+  assert out_b.num_cached_tokens == 0
+  assert out_b.output_tokens == ref(setup, eng, "agent1", prompt_b, 6)
+
+
+@pytest.fixture(scope="module")
+def eight(setup):
+  cfg, params, ads = setup
+  out = {}
+  for mode in MODES:
+    kind = "icarus_lora" if mode == "icarus" else "lora"
+    out[mode] = [init_adapter(cfg, jax.random.key(40 + i), name=f"fan{i}", kind=kind,
+                              base_params=params, rank=4, b_std=0.05) for i in range(8)]
+  return out
+
+
+@pytest.mark.parametrize("mode,copies", [("icarus", 1), ("isolated", 8)])
+def test_fan_out_prefills_once(setup, eight, mode, copies):
+  eng = make_engine(setup, mode, n_adapters=0, max_batch=8)
+  for a in eight[mode]:
+    eng.add_adapter(a)
+  context = prompts(6, [4 * PS])[0]
+  outs = eng.generate([context] * 8, [a.name for a in eight[mode]], SamplingParams(max_tokens=1))
+  assert eng.stats.prefill_tokens_computed == copies * len(context)
+  assert eng.stats.peak_pages_used == copies * 4
+  assert eng.kv_bytes_resident() == copies * 4 * eng.bytes_per_page()
+  for a, o in zip(eight[mode], outs):
+    assert o.output_tokens == ref(setup, eng, a.name, context, 1)
+  if mode == "icarus":
+    assert len({o.output_tokens[0] for o in outs}) > 1  # different adapters, different answers
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_page_accounting_and_preemption(setup, mode):
+  """A pool far too small for the load completes every request by preemption; afterwards, with
+  the cache flushed, every page is free and no refcount is negative."""
+  eng = make_engine(setup, mode, num_pages=12)  # 11 usable pages of 8 tokens
+  ps = prompts(7, [20, 13, 25, 9, 30, 17])
+  names = ["agent0", "agent1", None, "agent2", "agent0", "agent1"]
+  outs = eng.generate(ps, names, SamplingParams(max_tokens=12))
+  assert eng.stats.preemptions > 0
+  for p, n, o in zip(ps, names, outs):
+    assert o.finish_reason == "length"
+    assert o.output_tokens == ref(setup, eng, n, p, 12)
+  assert (eng.alloc.refcount >= 0).all()
+  assert (eng.alloc.refcount == 0).all()
+  eng.flush_cache()
+  assert eng.alloc.num_free == eng.alloc.capacity
+  assert eng.pages_used() == 0
+
+
+def test_request_larger_than_pool_is_refused(setup):
+  eng = make_engine(setup, "icarus", num_pages=12)
+  with pytest.raises(RequestTooLargeError, match="needs 12 KV pages .* whole pool has 11"):
+    eng.submit(prompts(8, [90])[0], "agent0", SamplingParams(max_tokens=6))
+  assert not eng.has_work
+
+
+def test_tenants_never_share_pages(setup):
+  eng = make_engine(setup, "icarus")
+  p = prompts(9, [3 * PS + 2])[0]
+  a = eng.generate([p], ["agent0"], SamplingParams(max_tokens=3), tenant="alice")[0]
+  pages_alice = set(eng.cache.page_to_node)
+  b = eng.generate([p], ["agent0"], SamplingParams(max_tokens=3), tenant="bob")[0]
+  pages_bob = set(eng.cache.page_to_node) - pages_alice
+  assert b.num_cached_tokens == 0
+  assert pages_bob and not (pages_bob & pages_alice)
+  assert all(n.namespace[1] == "alice" for n in eng.cache.page_to_node.values() if n.page in pages_alice)
+  c = eng.generate([p], ["agent1"], SamplingParams(max_tokens=3), tenant="alice")[0]
+  assert c.num_cached_tokens == len(p)  # same tenant, other adapter: full reuse
+  assert a.output_tokens == b.output_tokens
+
+
+def test_bad_requests_are_refused_and_others_unharmed(setup):
+  cfg, params, ads = setup
+  eng = make_engine(setup, "icarus")
+  good = prompts(10, [12, 19])
+  rids = [eng.submit(good[0], "agent0", SamplingParams(max_tokens=8)),
+          eng.submit(good[1], "agent1", SamplingParams(max_tokens=8))]
+  eng.step()
+  with pytest.raises(UnknownAdapterError, match="'nope' is not registered; available"):
+    eng.submit([1, 2, 3], "nope")
+  with pytest.raises(IcarusError, match="prompt is empty"):
+    eng.submit([], "agent0")
+  with pytest.raises(IcarusError, match=r"token ids must be in \[0, 272\)"):
+    eng.submit([5, 272, -1], "agent0")
+  with pytest.raises(RequestTooLargeError, match="model's context is 512"):
+    eng.submit([1] * 600, "agent0")
+  with pytest.raises(IcarusError, match="max_tokens must be a positive int"):
+    eng.submit([1, 2], "agent0", SamplingParams(max_tokens=0))
+  other = init_base_params(cfg, jax.random.key(77), scale=0.1)
+  foreign = init_adapter(cfg, jax.random.key(1), name="foreign", base_params=other, b_std=0.05)
+  with pytest.raises(FingerprintMismatchError):
+    eng.add_adapter(foreign)
+  with pytest.raises(IcarusError, match="already registered"):
+    eng.add_adapter(ads["icarus"][0])
+  list(eng.run())
+  for rid, p, n in zip(rids, good, ["agent0", "agent1"]):
+    assert eng.outputs[rid].output_tokens == ref(setup, eng, n, p, 8)
+  assert len(eng.outputs) == 2
+
+
+def test_isolated_mode_refuses_icarus_and_icarus_mode_refuses_conventional(setup):
+  cfg, params, ads = setup
+  eng = make_engine(setup, "icarus", n_adapters=0)
+  with pytest.raises(IcarusError, match="owns its KV cache"):
+    eng.add_adapter(ads["isolated"][0])
+  eng = make_engine(setup, "isolated", n_adapters=0)
+  with pytest.raises(IcarusError, match="isolated mode serves conventional models"):
+    eng.add_adapter(ads["icarus"][0])
+
+
+def test_adapter_removal_drains(setup):
+  eng = make_engine(setup, "icarus")
+  p = prompts(11, [10])[0]
+  rid = eng.submit(p, "agent2", SamplingParams(max_tokens=6))
+  eng.step()
+  eng.remove_adapter("agent2")
+  with pytest.raises(UnknownAdapterError):
+    eng.submit(p, "agent2")
+  assert "agent2" in eng.adapters  # still held by the running request
+  list(eng.run())
+  assert eng.outputs[rid].output_tokens == reference_generate(
+      setup[0], setup[1], setup[2]["icarus"][2], p, 6)
+  assert "agent2" not in eng.adapters and "agent2" not in eng.pool.slots
+
+
+def test_compiled_programs_stay_within_buckets(setup):
+  """Two different mixed workloads (prompt lengths 1..60, outputs 1..10, four models): every
+  compiled step program is one of the engine's buckets, so nothing compiles per request."""
+  eng = make_engine(setup, "icarus", max_batch=4)
+  before = engine_steps.icarus_step._cache_size()
+  names = [None, "agent0", "agent1", "agent2"]
+  for seed in (0, 1):
+    rng = np.random.RandomState(seed)
+    for i in range(12):
+      eng.submit(list(rng.randint(0, 256, rng.randint(1, 60))), names[i % 4],
+                 SamplingParams(max_tokens=int(rng.randint(1, 10))))
+    list(eng.run())
+  grown = engine_steps.icarus_step._cache_size() - before
+  assert 0 < len(eng.shapes_seen) <= eng.num_buckets()
+  assert grown <= len(eng.shapes_seen)  # one program per bucket shape at most, never per request
+  assert eng.num_buckets() == 3 * 7 * (2 + 1)  # batch {1,2,4} x pages {1..64} x T {8,16} + decode
+
+
+def test_sampling_seeded_and_filters(setup):
+  eng = make_engine(setup, "icarus")
+  p = prompts(12, [9])[0]
+  greedy = ref(setup, eng, "agent0", p, 6)
+  hot = SamplingParams(temperature=1.5, seed=3, max_tokens=6)
+  a = eng.generate([p, p], ["agent0", "agent0"], hot)
+  assert a[0].output_tokens == a[1].output_tokens  # same seed, same tokens, whatever the batch
+  b = eng.generate([p], ["agent0"], SamplingParams(temperature=1.5, seed=4, max_tokens=6))[0]
+  assert b.output_tokens != a[0].output_tokens
+  k1 = eng.generate([p], ["agent0"], SamplingParams(temperature=2.0, top_k=1, seed=5, max_tokens=6))[0]
+  assert k1.output_tokens == greedy
+  p_small = eng.generate([p], ["agent0"], SamplingParams(temperature=2.0, top_p=1e-6, seed=5,
+                                                         max_tokens=6))[0]
+  assert p_small.output_tokens == greedy
+
+
+def test_stop_tokens_and_streaming_callback(setup):
+  eng = make_engine(setup, "icarus")
+  p = prompts(13, [14])[0]
+  full = ref(setup, eng, "agent1", p, 8)
+  stop = full[3]
+  streamed = []
+  rid = eng.submit(p, "agent1", SamplingParams(max_tokens=8, stop_token_ids=(stop,)),
+                   callback=lambda r, t, done: streamed.append((r, t, done)))
+  list(eng.run())
+  out = eng.outputs[rid]
+  expect = full[:full.index(stop) + 1]
+  assert out.output_tokens == expect and out.finish_reason == "stop"
+  assert [t for _, t, _ in streamed] == expect
+  assert [d for _, _, d in streamed] == [False] * (len(expect) - 1) + [True]
+  assert len(out.token_times) == len(expect) and out.first_token_time >= out.arrival_time
+
+
+def test_abort_frees_pages(setup):
+  eng = make_engine(setup, "icarus")
+  rid = eng.submit(prompts(14, [30])[0], "agent0", SamplingParams(max_tokens=50))
+  eng.step()
+  eng.step()
+  assert eng.abort(rid)
+  assert eng.outputs[rid].finish_reason == "abort"
+  assert (eng.alloc.refcount == 0).all()
+  eng.flush_cache()
+  assert eng.pages_used() == 0
