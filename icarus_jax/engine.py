@@ -117,6 +117,24 @@ class EngineStats:
     return d["cached_tokens"] / max(1, d["prompt_tokens"])
 
 
+class _SimulatedPool:
+  """Slot bookkeeping only (no arrays) for the simulated engine."""
+
+  def __init__(self, capacity: int):
+    self.capacity = capacity
+    self.slots: dict[str, int] = {}
+    self._free = list(range(capacity, 0, -1))
+
+  def add(self, name, adapter) -> int:
+    if not self._free:
+      raise IcarusError(f"adapter pool is full ({self.capacity} adapters)")
+    self.slots[name] = self._free.pop()
+    return self.slots[name]
+
+  def remove(self, name) -> None:
+    self._free.append(self.slots.pop(name))
+
+
 def _bucket(n: int, cap: int, lo: int = 1) -> int:
   b = max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
   return min(b, cap)
@@ -150,7 +168,7 @@ class Engine:
                num_pages: int = 256, page_size: int = 16, max_batch: int = 8,
                prefill_chunk: int = 64, max_adapters: int = 8, max_rank: int = 16,
                targets: Sequence[str] | None = None, attention_backend: str = "reference",
-               tokenizer=None, max_seq_len: int | None = None):
+               tokenizer=None, max_seq_len: int | None = None, simulator=None):
     if mode not in MODES:
       raise IcarusError(f"mode={mode!r} is unknown; accepted: {MODES}")
     if attention_backend not in ATTENTION_BACKENDS:
@@ -167,16 +185,26 @@ class Engine:
     self.tokenizer = tokenizer
     self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)
     self.max_pages_per_seq = math.ceil(self.max_seq_len / page_size)
-    self.fingerprint = base_fingerprint(config, base_params)
+    self.simulator = simulator
+    self.clock = time.perf_counter if simulator is None else simulator.clock
     if targets is None:
       targets = DEFAULT_ICARUS_TARGETS if mode == "icarus" else DEFAULT_LORA_TARGETS
-    self.pool = AdapterPool(config, capacity=max_adapters, max_rank=max_rank, targets=tuple(targets))
     self.alloc = PageAllocator(num_pages)
     self.cache = PrefixCache(page_size, self.alloc)
-    self.pages = jnp.zeros((config.num_layers, num_pages, page_size, 2 * config.num_kv_heads,
-                            config.head_dim), config.jnp_dtype)
+    self._page_bytes = (2 * config.num_layers * page_size * config.num_kv_heads * config.head_dim
+                        * jnp.dtype(config.dtype).itemsize)
+    if simulator is None:
+      self.fingerprint = base_fingerprint(config, base_params)
+      self.pool = AdapterPool(config, capacity=max_adapters, max_rank=max_rank,
+                              targets=tuple(targets))
+      self.pages = jnp.zeros((config.num_layers, num_pages, page_size, 2 * config.num_kv_heads,
+                              config.head_dim), config.jnp_dtype)
+    else:  # discrete-event projection: same scheduler and cache, no arrays, modelled step time
+      self.fingerprint = f"simulated:{config.name}"
+      self.pool = _SimulatedPool(max_adapters)
+      self.pages = None
     self.attention_backend = attention_backend
-    self._attn_fn = self._make_attn_fn(attention_backend)
+    self._attn_fn = self._make_attn_fn(attention_backend) if simulator is None else None
     self.adapters: dict[str, Adapter] = {}
     self._draining: set[str] = set()
     self.waiting: collections.deque[_Seq] = collections.deque()
@@ -199,6 +227,10 @@ class Engine:
     name = name or adapter.name
     if name in self.adapters:
       raise IcarusError(f"adapter {name!r} is already registered")
+    if self.simulator is not None:
+      self.pool.add(name, adapter)
+      self.adapters[name] = adapter
+      return
     check_adapter(self.cfg, self.base, adapter, require_icarus=(self.mode == "icarus"))
     if self.mode == "isolated" and adapter.config.is_icarus:
       raise IcarusError(f"isolated mode serves conventional models; adapter {name!r} is of kind "
@@ -264,7 +296,7 @@ class Engine:
     rid = next(self._ids)
     slot = BASE_SLOT if adapter is None else self.pool.slots[adapter]
     ns = (self.fingerprint, tenant) if self.mode == "icarus" else (self.fingerprint, tenant, adapter)
-    out = RequestOutput(rid, adapter, list(ids), [], arrival_time=time.perf_counter())
+    out = RequestOutput(rid, adapter, list(ids), [], arrival_time=self.clock())
     seq = _Seq(rid, adapter, slot, ns, list(ids), list(ids), sampling, callback, out,
                order=next(self._order))
     self.waiting.append(seq)
@@ -296,12 +328,12 @@ class Engine:
     return self.pages_used() * self.bytes_per_page()
 
   def bytes_per_page(self) -> int:
-    return int(self.pages[:, 0].nbytes)
+    return int(self._page_bytes)
 
   def _ensure_free(self, n: int) -> bool:
     short = n - self.alloc.num_free
     if short > 0:
-      if self.cache.num_evictable() < short:
+      if self.cache.num_unreferenced() < short:
         return False
       self.cache.evict(short)
     return self.alloc.num_free >= n
@@ -336,7 +368,7 @@ class Engine:
         self.alloc.decref([m.partial_page])
       return False
     private = self.alloc.allocate(need)
-    if m.partial_page is not None:
+    if m.partial_page is not None and self.pages is not None:
       self.pages = engine_steps.copy_pages(self.pages, jnp.array([m.partial_page], jnp.int32),
                                            jnp.array([private[0]], jnp.int32))
       self.alloc.decref([m.partial_page])
@@ -383,6 +415,9 @@ class Engine:
       if not decode and k:
         positions[i, k:] = last  # padding tokens: harmless positions
     self.shapes_seen.add((self.mode, decode, B, T, N))
+    if self.simulator is not None:
+      self.simulator.run_step(self, rows, decode, (B, T, N))
+      return None
     if self.mode == "icarus":
       logits, self.pages = engine_steps.icarus_step(
           self.cfg, self.base, self.pool.weights, self.pages, tokens, positions, valid, table,
@@ -394,7 +429,9 @@ class Engine:
           last_idx, slots, attn_fn=self._attn_fn)
     return logits[:n]
 
-  def _sample_and_append(self, seqs: list[_Seq], logits) -> None:
+  def _pick_tokens(self, seqs: list[_Seq], logits) -> list[int]:
+    if self.simulator is not None:
+      return self.simulator.pick_tokens(seqs)
     n = len(seqs)
     B = _bucket(n, self.max_batch)
     pad = B - n
@@ -405,7 +442,11 @@ class Engine:
                              f([p.top_k for p in sp], np.int32), f([p.top_p for p in sp], np.float32),
                              f([p.seed for p in sp], np.uint32),
                              f([s.num_output for s in seqs], np.int32)))[:n]
-    now = time.perf_counter()
+    return [int(t) for t in toks]
+
+  def _sample_and_append(self, seqs: list[_Seq], logits) -> None:
+    toks = self._pick_tokens(seqs, logits)
+    now = self.clock()
     for s, t in zip(seqs, toks):
       t = int(t)
       s.tokens.append(t)
@@ -430,7 +471,7 @@ class Engine:
       self.running.remove(seq)
     seq.out.finish_reason = reason
     seq.out.error = error
-    seq.out.finish_time = time.perf_counter()
+    seq.out.finish_time = self.clock()
     if seq.adapter is not None:
       self._maybe_release_adapter(seq.adapter)
 
@@ -453,6 +494,8 @@ class Engine:
         new = s.tokens[start:start + self.prefill_chunk]
         rows.append((s, new, start))
       logits = self._run_rows(rows, decode=False)
+      if logits is None:
+        logits = [None] * len(rows)
       for (s, new, start), lg in zip(rows, logits):
         s.num_computed = start + len(new)
         self.stats.prefill_tokens_computed += len(new)
@@ -463,7 +506,8 @@ class Engine:
       if done:
         for s, _ in done:  # full pages of the prompt become shareable right away
           self.cache.insert(s.ns, s.tokens[:s.num_computed], s.page_table, include_partial=False)
-        self._sample_and_append([d[0] for d in done], jnp.stack([d[1] for d in done]))
+        lg = None if self.simulator is not None else jnp.stack([d[1] for d in done])
+        self._sample_and_append([d[0] for d in done], lg)
 
   def step(self) -> list[RequestOutput]:
     """Admit, prefill, decode once. Returns the requests that finished in this step."""

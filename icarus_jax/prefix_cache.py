@@ -14,8 +14,11 @@ first, least recently used first.
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import itertools
 from typing import Hashable
+
+import numpy as np
 
 from icarus_jax.page_allocator import PageAllocator
 
@@ -141,6 +144,14 @@ class PrefixCache:
     return page in self.page_to_node
 
   # --------------------------------------------------------------------------------------
+  def num_unreferenced(self) -> int:
+    """Cached pages no running sequence references (an upper bound on what eviction frees;
+    exact unless a referenced page sits below an unreferenced one)."""
+    if not self.page_to_node:
+      return 0
+    pages = np.fromiter(self.page_to_node.keys(), np.int64, len(self.page_to_node))
+    return int((self.alloc.refcount[pages] == 0).sum())
+
   def num_evictable(self) -> int:
     """Cached pages that eviction can free now: nodes whose whole subtree is unreferenced."""
     total = 0
@@ -163,19 +174,21 @@ class PrefixCache:
 
   def evict(self, n: int) -> int:
     """Frees up to ``n`` unreferenced cached pages, LRU leaves first. Returns pages freed."""
+    if n <= 0:
+      return 0
+    rc = self.alloc.refcount
+    heap = [(nd.last_access, id(nd), nd) for nd in self.page_to_node.values()
+            if not nd.children and rc[nd.page] == 0]
+    heapq.heapify(heap)
     freed = 0
-    while freed < n:
-      leaves = [nd for nd in self.page_to_node.values()
-                if not nd.children and self.alloc.refcount[nd.page] == 0]
-      if not leaves:
-        break
-      leaves.sort(key=lambda nd: nd.last_access)
-      for nd in leaves:
-        if freed >= n:
-          break
-        self._remove(nd)
-        self.alloc.free([nd.page])
-        freed += 1
+    while heap and freed < n:
+      _, _, nd = heapq.heappop(heap)
+      parent = nd.parent
+      self._remove(nd)
+      self.alloc.free([nd.page])
+      freed += 1
+      if parent.parent is not None and not parent.children and rc[parent.page] == 0:
+        heapq.heappush(heap, (parent.last_access, id(parent), parent))
     self.evicted_pages += freed
     return freed
 

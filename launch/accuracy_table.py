@@ -49,7 +49,7 @@ def main(argv):
   from icarus_jax.generation import exact_match_accuracy
   from icarus_jax.tokenizer import ByteTokenizer
   from icarus_jax.trainer import plot_losses
-  from launch.train import train_one
+  from icarus_jax.finetune import train_one
 
   t_all = time.time()
   tfds_dir = os.path.expanduser(FLAGS.tfds_dir)

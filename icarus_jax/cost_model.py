@@ -1,0 +1,113 @@
+"""Roofline cost model and virtual clock: the engine's scheduler and cache, projected to real
+hardware (PROJECTION, not a measurement).
+
+``Engine(..., simulator=RooflineSimulator(cfg, hw))`` runs the same admission, prefix cache,
+eviction and preemption code with no arrays; each step advances a virtual clock by
+
+    t = max(bytes / (HBM bandwidth * mem_eff), flops / (peak * flop_eff)) + step_overhead
+
+where bytes = base weights (read once per step; both ICaRus streams share the read)
++ LoRA factors of the adapters in the batch + K/V read by attention (once per row: the ICaRus
+kernel folds the decoder stream into the encoder's page read) + K/V written, and flops = 2 x
+(non-embedding parameters) per processed token row (ICaRus: encoder tokens + one decoder row
+per request) + attention (4 x layers x heads x head_dim x context per query) + the LM head per
+logits row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+from icarus_jax.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+  name: str
+  hbm_bandwidth: float   # bytes / s
+  peak_flops: float      # dense bf16 FLOP / s
+  mem_efficiency: float = 0.8
+  flop_efficiency: float = 0.6
+  step_overhead_s: float = 0.004
+  memory_bytes: float = 80e9
+
+
+HARDWARE = {
+    "h100": Hardware("NVIDIA H100 SXM (80 GB)", 3.35e12, 989e12, memory_bytes=80e9),
+    "h200": Hardware("NVIDIA H200 (141 GB)", 4.8e12, 989e12, memory_bytes=141e9),
+    "a100": Hardware("NVIDIA A100 SXM (80 GB)", 2.0e12, 312e12, memory_bytes=80e9),
+}
+
+
+class VirtualClock:
+
+  def __init__(self):
+    self.t = 0.0
+
+  def __call__(self) -> float:
+    return self.t
+
+  def advance(self, dt: float) -> None:
+    self.t += dt
+
+  def advance_to(self, t: float) -> None:
+    self.t = max(self.t, t)
+
+
+class RooflineSimulator:
+  """Step-time model for ``cfg`` on ``hw`` with bf16 weights and KV."""
+
+  def __init__(self, cfg: ModelConfig, hw: Hardware, *, lora_rank: int = 16, bytes_per_param: int = 2):
+    self.cfg = cfg
+    self.hw = hw
+    self.clock = VirtualClock()
+    c = cfg
+    per_layer = (c.d_model * c.num_heads * c.head_dim * 2 + c.d_model * c.num_kv_heads * c.head_dim * 2
+                 + 3 * c.d_model * c.mlp_dim)
+    self.layer_params = per_layer * c.num_layers
+    self.head_params = c.d_model * c.vocab_size
+    embed = c.vocab_size * c.d_model
+    self.weight_bytes = (self.layer_params + self.head_params + (0 if c.tie_embeddings else embed)) * bytes_per_param
+    self.kv_bytes_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * bytes_per_param
+    lora_per_layer = lora_rank * (2 * c.d_model + c.num_heads * c.head_dim * 2 + 3 * (c.d_model + c.mlp_dim)
+                                  + 2 * (c.d_model + c.num_kv_heads * c.head_dim))
+    self.lora_bytes = lora_per_layer * c.num_layers * bytes_per_param
+    self.total_time = 0.0
+    self.steps = 0
+
+  def step_time(self, rows, decode: bool, icarus: bool) -> float:
+    """``rows``: list of (context length after this step, new tokens, slot)."""
+    c = self.cfg
+    flops = 0.0
+    kv_read = 0.0
+    kv_write = 0.0
+    slots = set()
+    for ctx, n_new, slot in rows:
+      q_rows = n_new + (1 if icarus else 0)  # ICaRus: + the decoder row at the last position
+      flops += 2.0 * self.layer_params * q_rows
+      flops += 2.0 * self.head_params  # one logits row per request
+      # attention: each query row attends to ~its context (causal average for prefill chunks)
+      avg_ctx = ctx if decode else max(ctx - n_new / 2.0, 1.0)
+      flops += 4.0 * c.num_layers * c.num_heads * c.head_dim * avg_ctx * q_rows
+      kv_read += ctx * self.kv_bytes_per_token
+      kv_write += n_new * self.kv_bytes_per_token
+      if slot:
+        slots.add(slot)
+    bytes_ = self.weight_bytes + len(slots) * self.lora_bytes + kv_read + kv_write
+    t_mem = bytes_ / (self.hw.hbm_bandwidth * self.hw.mem_efficiency)
+    t_flop = flops / (self.hw.peak_flops * self.hw.flop_efficiency)
+    return max(t_mem, t_flop) + self.hw.step_overhead_s
+
+  def run_step(self, engine, rows, decode: bool, shape) -> None:
+    del shape
+    desc = [(start + len(new), len(new), seq.slot) for seq, new, start in rows]
+    dt = self.step_time(desc, decode, engine.mode == "icarus")
+    self.clock.advance(dt)
+    self.total_time += dt
+    self.steps += 1
+
+  @staticmethod
+  def pick_tokens(seqs) -> list[int]:
+    """Deterministic stand-in tokens (the workload fixes output lengths, like --ignore-eos)."""
+    return [32 + zlib.crc32(f"{s.rid}/{s.num_output}".encode()) % 95 for s in seqs]
