@@ -103,3 +103,65 @@ def run_workflows(engine: Engine, workflows: list[Workflow], model_names: list[s
       "engine_steps": st.steps,
   })
   return m
+
+
+# ------------------------------------------------------------------------------ sweeps
+def load_serving_adapters(cfg, base, mode: str, n: int, adapters_dir=None, seed: int = 0):
+  """``n`` distinct adapters for ``mode``: the trained ones shipped in ``adapters_dir``
+  (``<task>-icarus_lora`` / ``<task>-lora``) first, then random non-zero ones to reach ``n``.
+
+  Returns ``(adapters, sources)``.
+  """
+  from pathlib import Path
+
+  import jax
+
+  from icarus_jax.adapters import init_adapter
+  from icarus_jax.assets import DEFAULT_ADAPTERS
+  from icarus_jax.params import base_fingerprint
+  from icarus_jax.peft_io import load_adapter
+  kind = "icarus_lora" if mode == "icarus" else "lora"
+  d = Path(adapters_dir) if adapters_dir else DEFAULT_ADAPTERS
+  fp = base_fingerprint(cfg, base)
+  found = sorted(p for p in d.glob(f"*-{kind}") if (p / "adapter_config.json").exists()) if d.exists() else []
+  ads, src = [], []
+  for p in found[:n]:
+    ad = load_adapter(p, kind=kind)
+    if ad.config.base_fingerprint == fp:
+      ads.append(ad.replace(name=p.name))
+      src.append(f"trained: {p.name}")
+  i = 0
+  while len(ads) < n:
+    ads.append(init_adapter(cfg, jax.random.key(1000 + seed + i), name=f"random{i}-{kind}", kind=kind,
+                            base_params=base, rank=16, alpha=32, b_std=0.02))
+    src.append(f"random init (non-zero B): random{i}-{kind}")
+    i += 1
+  return ads, src
+
+
+def plot_sweep(results: list[dict], path, title: str) -> None:
+  """P95 workflow latency and workflow throughput vs rate, one line per (mode, N)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  keys = sorted({(r["mode"], r["num_models"]) for r in results}, key=lambda k: (k[1], k[0]))
+  for mode, n in keys:
+    rs = sorted([r for r in results if r["mode"] == mode and r["num_models"] == n],
+                key=lambda r: r["request_rate"])
+    style = "-" if mode == "icarus" else "--"
+    x = [r["request_rate"] for r in rs]
+    axes[0].plot(x, [r["p95_workflow_latency_ms"] / 1e3 for r in rs], style, marker="o",
+                 label=f"{mode} N={n}")
+    axes[1].plot(x, [r["workflow_throughput"] for r in rs], style, marker="o", label=f"{mode} N={n}")
+  axes[0].set_ylabel("P95 workflow latency (s)")
+  axes[1].set_ylabel("workflow throughput (workflows/s)")
+  for ax in axes:
+    ax.set_xlabel("arrival rate (workflows/s)")
+    ax.grid(alpha=0.3)
+  axes[0].set_yscale("log")
+  axes[1].legend(fontsize=7, ncol=2)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

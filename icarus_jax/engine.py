@@ -335,7 +335,8 @@ class Engine:
     if short > 0:
       if self.cache.num_unreferenced() < short:
         return False
-      self.cache.evict(short)
+      # Evict a small batch at once (a low watermark) so eviction cost is amortised.
+      self.cache.evict(max(short, min(32, self.alloc.capacity // 64)))
     return self.alloc.num_free >= n
 
   def _note_usage(self):
