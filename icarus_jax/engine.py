@@ -359,19 +359,22 @@ class Engine:
     total_pages = math.ceil(len(S) / ps)
     shared = m.pages
     need = total_pages - len(shared)
-    # Hold what we matched so eviction cannot take it, then make room.
+    # Hold what we matched so eviction cannot take it, then make room. Keep a watermark of
+    # pages for the running requests' next tokens, so admission does not cause preemption.
     self.alloc.incref(shared)
     if m.partial_page is not None:
       self.alloc.incref([m.partial_page])
-    if not self._ensure_free(need):
+    watermark = 0 if not self.running else len(self.running) + max(1, self.alloc.capacity // 100)
+    if not self._ensure_free(need + watermark):
       self.alloc.decref(shared)
       if m.partial_page is not None:
         self.alloc.decref([m.partial_page])
       return False
     private = self.alloc.allocate(need)
-    if m.partial_page is not None and self.pages is not None:
-      self.pages = engine_steps.copy_pages(self.pages, jnp.array([m.partial_page], jnp.int32),
-                                           jnp.array([private[0]], jnp.int32))
+    if m.partial_page is not None:
+      if self.pages is not None:  # copy-on-write of the partially matching page
+        self.pages = engine_steps.copy_pages(self.pages, jnp.array([m.partial_page], jnp.int32),
+                                             jnp.array([private[0]], jnp.int32))
       self.alloc.decref([m.partial_page])
     seq.page_table = list(shared) + private
     hit = m.num_tokens(ps)
@@ -546,9 +549,13 @@ class Engine:
     return [self.outputs[r] for r in before if self.outputs[r].finished]
 
   def _shares_page(self, a: _Seq, b: _Seq) -> bool:
+    """True if waiting request ``a`` shares with ``b`` (admitted in this wave) a full page that
+    ``b`` is about to compute, i.e. beyond what was already cached when ``b`` was admitted."""
+    if a.ns != b.ns:
+      return False
     ps = self.page_size
-    return (a.ns == b.ns and len(a.tokens) >= ps and len(b.tokens) >= ps
-            and a.tokens[:ps] == b.tokens[:ps])
+    L = (b.num_computed // ps + 1) * ps
+    return len(a.tokens) >= L and len(b.tokens) >= L and a.tokens[:L] == b.tokens[:L]
 
   def _reserve_decode_pages(self, decoding: list[_Seq]) -> list[_Seq]:
     """Gives every decoding sequence a page for its next position, preempting when short."""
@@ -584,6 +591,26 @@ class Engine:
     for _ in self.run():
       pass
     return [self.outputs[r] for r in rids]
+
+  def check_invariants(self) -> None:
+    """Asserts the page bookkeeping is consistent (used by tests and debugging).
+
+    Every page's refcount equals the number of running sequences holding it; no page is both
+    free and held or cached; free + held-or-cached = capacity.
+    """
+    held = np.zeros(self.alloc.num_pages, np.int64)
+    for s in self.running:
+      for p in s.page_table:
+        held[p] += 1
+    for s in self.waiting:
+      assert not s.page_table, f"waiting request {s.rid} holds pages"
+    bad = np.nonzero(held != self.alloc.refcount)[0]
+    assert bad.size == 0, (f"refcount mismatch on pages {bad[:10].tolist()}: refcount "
+                           f"{self.alloc.refcount[bad[:10]].tolist()} vs held {held[bad[:10]].tolist()}")
+    used = (held > 0) | np.isin(np.arange(self.alloc.num_pages), list(self.cache.page_to_node))
+    for p in np.nonzero(used)[0]:
+      assert not self.alloc.is_free(int(p)), f"page {p} is free but in use"
+    assert self.alloc.num_free + int(used[1:].sum()) == self.alloc.capacity
 
   def flush_cache(self) -> int:
     """Evicts every unreferenced cached page; returns how many were freed."""

@@ -135,6 +135,11 @@ class PrefixCache:
         added += 1
       else:
         child.last_access = now
+        if child.page != page:
+          # Another sequence cached these tokens first (computed concurrently). Stop here: a
+          # node's ancestors must be pages its referencing sequences also hold, so that every
+          # unreferenced cached page is evictable (``num_unreferenced`` is then exact).
+          break
       if len(chunk) < ps:
         break
       node = child
@@ -145,8 +150,8 @@ class PrefixCache:
 
   # --------------------------------------------------------------------------------------
   def num_unreferenced(self) -> int:
-    """Cached pages no running sequence references (an upper bound on what eviction frees;
-    exact unless a referenced page sits below an unreferenced one)."""
+    """Cached pages no running sequence references: exactly what eviction can free, because
+    ``insert`` never hangs a sequence's page below a node that sequence does not hold."""
     if not self.page_to_node:
       return 0
     pages = np.fromiter(self.page_to_node.keys(), np.int64, len(self.page_to_node))

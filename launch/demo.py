@@ -1,16 +1,21 @@
-"""The main job on the embedded default: one base, several ICaRus adapters, one KV cache.
+"""The main job: the embedded small base and its trained adapters, served from ONE KV cache.
 
     python -m launch.demo
 
-Builds the small default base and ``--num_adapters`` ICaRus-LoRA adapters, serves one shared
-context to every adapter, and shows that (1) the K/V each adapter's session computes are
-bit-identical, (2) their next-token predictions differ, (3) one shared cache needs 1/N of the
-KV memory of one cache per model. Writes ``--out`` JSON.
+1. Loads the embedded base (``icarus_jax/assets/small_base``, pretrained by
+   ``launch/pretrain.py``) and the task adapters trained by ``launch/accuracy_table.py``
+   (``icarus_jax/assets/adapters``): ICaRus-LoRA ones for the shared cache and standard LoRA
+   ones for the conventional baseline.
+2. Shows that the adapters' K/V caches are bit-identical while their answers differ, and that
+   each adapter's engine output equals the naive reference (full recompute, no cache).
+3. Runs a small multi-agent workflow benchmark through the engine in both modes with the same KV
+   budget and prints memory, prefill tokens, P95 latency and throughput; saves a plot.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -18,72 +23,146 @@ from pathlib import Path
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("num_adapters", 3, "ICaRus adapters to build.")
-flags.DEFINE_integer("context_len", 96, "Tokens of the shared context.")
-flags.DEFINE_integer("seed", 0, "PRNG seed.")
-flags.DEFINE_string("out", "out/demo.json", "Where to write the JSON summary.")
+flags.DEFINE_integer("num_models", 4, "Models (adapters) in the workflow benchmark.")
+flags.DEFINE_integer("num_workflows", 8, "Workflows in the benchmark.")
+flags.DEFINE_float("rate", 1.0, "Workflow arrival rate (workflows/s).")
+flags.DEFINE_integer("kv_pages", 320, "KV pool pages (same for both modes).")
+flags.DEFINE_integer("seed", 0, "Seed.")
+flags.DEFINE_string("out", "out/demo", "Output directory (JSON and PNG).")
+
+SAMPLES = {"sorting": "sort qdaxm:", "reversal": "rev planet:", "addition": "41+17=",
+           "kv_lookup": "ab=12;cd=34;ef=56;cd?"}
 
 
-def run(num_adapters: int = 3, context_len: int = 96, seed: int = 0) -> dict:
+def identical_cache_check(cfg, base, adapters, tok):
+  """Each adapter serves the same context: K/V bit-identical, next tokens differ."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
   import icarus_jax as ij
-
-  cfg = ij.tiny_config()
-  params = ij.init_base_params(cfg, jax.random.key(seed), scale=0.1)
-  adapters = [ij.init_adapter(cfg, jax.random.key(seed + 1 + i), name=f"agent{i}", base_params=params,
-                              b_std=0.05) for i in range(num_adapters)]
+  context = np.array([[tok.bos_id] + tok.encode("sort qdaxm: then rev planet: and tell me why.")],
+                     np.int32)
+  n = context.shape[1]
+  caches, preds = [], []
   for ad in adapters:
-    ij.check_adapter(cfg, params, ad, require_icarus=True)
-  rng = np.random.RandomState(seed)
-  context = rng.randint(0, cfg.vocab_size, (1, context_len)).astype(np.int32)
+    kv = ij.encode(cfg, base, context)
+    lg = ij.decode(cfg, base, ad, context[:, -1:], kv, positions=np.array([[n - 1]]))
+    caches.append(jax.tree.map(np.asarray, kv))
+    preds.append(np.asarray(lg[0, -1]))
+  same = all(np.array_equal(c["k"], caches[0]["k"]) and np.array_equal(c["v"], caches[0]["v"])
+             for c in caches)
+  spread = max(float(np.abs(a - b).max()) for a in preds for b in preds)
+  return same, spread, n
 
-  # Each adapter's own session: prefill the encoder cache, then its decoder reads it.
-  sessions = []
-  for ad in adapters:
-    kv = ij.encode(cfg, params, context)
-    logits = ij.decode(cfg, params, ad, context[:, -1:], kv,
-                       positions=np.array([[context_len - 1]]))
-    sessions.append((jax.tree.map(np.asarray, kv), np.asarray(logits[0, -1])))
-  identical = all(np.array_equal(s[0]["k"], sessions[0][0]["k"]) and
-                  np.array_equal(s[0]["v"], sessions[0][0]["v"]) for s in sessions)
-  preds = [int(np.argmax(s[1])) for s in sessions]
-  spread = max(float(np.abs(a[1] - b[1]).max()) for a in sessions for b in sessions)
-  per_tok = cfg.kv_bytes_per_token()
-  shared = per_tok * context_len
-  result = {
-      "model": cfg.name, "num_adapters": num_adapters, "context_len": context_len, "seed": seed,
-      "kv_bitwise_identical": bool(identical), "next_token_per_adapter": preds,
-      "max_logit_difference_between_adapters": spread,
-      "kv_bytes_shared_cache": shared, "kv_bytes_one_cache_per_model": shared * num_adapters,
-      "memory_saving_factor": float(num_adapters),
-  }
-  return result
+
+def plot(results: dict, path: Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  keys = [("peak_kv_bytes", "peak KV bytes"), ("prefill_tokens_computed", "prefill tokens computed"),
+          ("p95_workflow_latency_ms", "P95 workflow latency (ms)"),
+          ("workflow_throughput", "workflows / s")]
+  fig, axes = plt.subplots(1, 4, figsize=(13, 3.2))
+  for ax, (k, label) in zip(axes, keys):
+    vals = [results[m][k] for m in ("icarus", "isolated")]
+    ax.bar(["ICaRus", "isolated"], vals, color=["tab:blue", "tab:gray"])
+    ax.set_title(label, fontsize=9)
+  fig.suptitle("ICaRus (one shared cache) vs conventional multi-model serving, same KV budget")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def main(argv):
   del argv
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax
+  jax.config.update("jax_default_matmul_precision", "highest")
+
+  from icarus_jax.assets import load_any_base
+  from icarus_jax.bench import load_serving_adapters, run_workflows
+  from icarus_jax.engine import Engine
+  from icarus_jax.reference import reference_generate
+  from icarus_jax.sampling import SamplingParams
+  from icarus_jax.tokenizer import ByteTokenizer
+  from icarus_jax.workload import WorkloadConfig, generate_workflows
+
   t0 = time.time()
-  r = run(FLAGS.num_adapters, FLAGS.context_len, FLAGS.seed)
-  print(f"ICaRus demo: {r['num_adapters']} adapters over one {r['context_len']}-token context "
-        f"(model {r['model']})")
-  print(f"  K/V bit-identical across adapters : {r['kv_bitwise_identical']}")
-  print(f"  next token per adapter            : {r['next_token_per_adapter']}")
-  print(f"  max logit difference              : {r['max_logit_difference_between_adapters']:.3f}")
-  print(f"  {'KV cache':<22}{'bytes':>12}")
-  print(f"  {'one shared (ICaRus)':<22}{r['kv_bytes_shared_cache']:>12,}")
-  print(f"  {'one per model':<22}{r['kv_bytes_one_cache_per_model']:>12,}")
-  r["wall_s"] = round(time.time() - t0, 2)
   out = Path(FLAGS.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(r, indent=2) + "\n")
-  print(f"  wrote {out} in {r['wall_s']} s")
-  if not r["kv_bitwise_identical"]:
-    raise SystemExit("K/V differ across adapters: ICaRus invariant broken")
+  out.mkdir(parents=True, exist_ok=True)
+  tok = ByteTokenizer()
+  cfg, base = load_any_base(None)
+  N = FLAGS.num_models
+  fleets = {m: load_serving_adapters(cfg, base, m, N) for m in ("icarus", "isolated")}
+  icarus_ads = fleets["icarus"][0]
+  print(f"base: {cfg.name} ({sum(x.size for x in jax.tree.leaves(base)):,} params); "
+        f"models: {[a.name for a in icarus_ads]}")
+
+  same, spread, n_ctx = identical_cache_check(cfg, base, icarus_ads, tok)
+  print(f"\n[1] one {n_ctx}-token context, {N} ICaRus adapters: K/V bit-identical = {same}; "
+        f"max logit difference between adapters = {spread:.2f}")
+
+  print("\n[2] engine output vs naive reference (greedy, full recompute, no cache):")
+  eng = Engine(cfg, base, mode="icarus", num_pages=FLAGS.kv_pages, page_size=16, max_batch=8,
+               prefill_chunk=64, max_rank=16, max_seq_len=1024)
+  for a in icarus_ads:
+    eng.add_adapter(a)
+  checks = []
+  for a in icarus_ads:
+    task = a.name.split("-")[0]
+    prompt = [tok.bos_id] + tok.encode(SAMPLES.get(task, "sort dcba:"))
+    got = eng.generate([prompt], [a.name], SamplingParams(max_tokens=10, stop_token_ids=(tok.eos_id,)))[0]
+    ref = reference_generate(cfg, base, a, prompt, 10, stop_token_ids=(tok.eos_id,))
+    ok = got.output_tokens == ref
+    checks.append(ok)
+    text = tok.decode([t for t in got.output_tokens if t != tok.eos_id])
+    print(f"    {a.name:22s} {tok.decode(prompt[1:])!r:28s} -> {text!r:14s} equals reference: {ok}")
+
+  print(f"\n[3] workflow benchmark: {FLAGS.num_workflows} workflows x 8 turns, {N} models "
+        f"round-robin, {FLAGS.rate} workflows/s, KV budget {FLAGS.kv_pages} pages for each mode")
+  wl = WorkloadConfig(num_workflows=FLAGS.num_workflows, num_models=N, request_rate=FLAGS.rate,
+                      num_turns=8, system_len=192, context_len=96, header_len=8, output_len=8,
+                      observation_len=48, seed=FLAGS.seed)
+  results = {}
+  for mode in ("icarus", "isolated"):
+    ads = fleets[mode][0]
+    mk = lambda: Engine(cfg, base, mode=mode, num_pages=FLAGS.kv_pages, page_size=16, max_batch=8,
+                        prefill_chunk=256, max_rank=16, max_seq_len=1024)
+    warm = mk()
+    for a in ads:
+      warm.add_adapter(a)
+    run_workflows(warm, generate_workflows(WorkloadConfig(**{**wl.__dict__, "request_rate": math.inf,
+                                                             "seed": FLAGS.seed + 99})),
+                  [a.name for a in ads])  # compile (not measured)
+    e = mk()
+    for a in ads:
+      e.add_adapter(a)
+    results[mode] = run_workflows(e, generate_workflows(wl), [a.name for a in ads],
+                                  progress=True, desc=mode)
+  a, b = results["icarus"], results["isolated"]
+  rows = [("peak KV bytes resident", "peak_kv_bytes", "{:,.0f}"),
+          ("prefill tokens computed", "prefill_tokens_computed", "{:,.0f}"),
+          ("prefix-cache hit rate", "prefix_hit_rate", "{:.2f}"),
+          ("pages evicted", "pages_evicted", "{:,.0f}"),
+          ("P95 workflow latency (s)", "p95_workflow_latency_ms", "{:.2f}"),
+          ("P95 TTFT (ms)", "p95_ttft_ms", "{:.0f}"),
+          ("workflow throughput (/s)", "workflow_throughput", "{:.3f}"),
+          ("output tokens / s", "output_throughput", "{:.1f}")]
+  print(f"    {'':28s}{'ICaRus':>14s}{'isolated':>14s}")
+  for label, k, fmt in rows:
+    va, vb = a[k], b[k]
+    if k == "p95_workflow_latency_ms":
+      va, vb = va / 1e3, vb / 1e3
+    print(f"    {label:28s}{fmt.format(va):>14s}{fmt.format(vb):>14s}")
+  plot(results, out / "demo.png")
+  summary = {"kv_bitwise_identical": same, "max_logit_difference": spread,
+             "engine_equals_reference": checks, "benchmark": results,
+             "wall_s": round(time.time() - t0, 1)}
+  (out / "demo.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+  print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'} in {summary['wall_s']} s")
+  if not same or not all(checks):
+    raise SystemExit("ICaRus invariant or reference equality failed")
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   app.run(main)

@@ -1,9 +1,21 @@
-from launch.demo import run
+"""The embedded default base and the shipped adapters behave as the demo claims."""
+
+import numpy as np
+
+from icarus_jax import check_adapter
+from icarus_jax.assets import load_any_base
+from icarus_jax.bench import load_serving_adapters
+from icarus_jax.tokenizer import ByteTokenizer
+from launch.demo import identical_cache_check
 
 
-def test_demo_shows_identical_cache_and_differing_predictions():
-  r = run(num_adapters=3, context_len=40, seed=0)
-  assert r["kv_bitwise_identical"] is True
-  assert r["max_logit_difference_between_adapters"] > 0.1
-  assert r["kv_bytes_one_cache_per_model"] == 3 * r["kv_bytes_shared_cache"]
-  assert r["kv_bytes_shared_cache"] == 40 * 2 * 2 * 2 * 16 * 4  # T * (k,v) * L * K * hd * f32
+def test_shipped_base_and_adapters_share_one_cache():
+  cfg, base = load_any_base(None)
+  ads, sources = load_serving_adapters(cfg, base, "icarus", 4)
+  assert all(s.startswith("trained") for s in sources), sources
+  for a in ads:
+    check_adapter(cfg, base, a, require_icarus=True)
+  same, spread, _ = identical_cache_check(cfg, base, ads, ByteTokenizer())
+  assert same and spread > 0.5
+  conv, src = load_serving_adapters(cfg, base, "isolated", 4)
+  assert all(a.kind == "lora" and "k" in a.config.targets for a in conv)
