@@ -291,6 +291,7 @@ class ModelConfig:
         "max_position_embeddings": self.max_seq_len,
         "hidden_act": "silu",
         "dtype": self.dtype,
+        "_name_or_path": self.name,
     }
     if self.architecture in ("llama",):
       d["attention_bias"] = self.attention_bias

@@ -188,7 +188,9 @@ def main(argv):
                                 num_workflows=FLAGS.proj_workflows)
     doc["projection"] = {"LABEL": "PROJECTION (roofline cost model, virtual clock), not a measurement",
                          "setup": setup, "results": res}
-    plot_sweep(res, out_path.with_name(out_path.stem + "_projection.png"),
+    proj_png = (out_path.with_suffix(".png") if FLAGS.skip_real
+                else out_path.with_name(out_path.stem + "_projection.png"))
+    plot_sweep(res, proj_png,
                f"PROJECTION: {setup['model']} on {setup['hardware']} (roofline), ICaRus solid, baseline dashed")
     md.append(ratio_table(res, f"PROJECTION: {setup['model']} on {setup['hardware']} (roofline cost model, not measured)"))
   doc["wall_s"] = round(time.time() - t0, 1)

@@ -333,3 +333,14 @@ def test_abort_frees_pages(setup):
   assert (eng.alloc.refcount == 0).all()
   eng.flush_cache()
   assert eng.pages_used() == 0
+
+
+def test_text_prompts_with_a_tokenizer(setup):
+  from icarus_jax.tokenizer import ByteTokenizer
+  tok = ByteTokenizer()
+  eng = make_engine(setup, "icarus", tokenizer=tok)
+  out = eng.generate(["sort qdax:"], ["agent0"], SamplingParams(max_tokens=3))[0]
+  assert out.prompt_tokens == tok.encode("sort qdax:")
+  assert out.output_tokens == ref(setup, eng, "agent0", tok.encode("sort qdax:"), 3)
+  with pytest.raises(IcarusError, match="no tokenizer"):
+    make_engine(setup, "icarus").submit("text", "agent0")
