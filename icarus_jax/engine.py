@@ -214,6 +214,7 @@ class Engine:
     self._order = itertools.count()
     self.stats = EngineStats()
     self.shapes_seen: set[tuple] = set()
+    self.mesh = None  # set by sharding.shard_engine
 
   # ------------------------------------------------------------------------------ adapters
   def _make_attn_fn(self, backend):
@@ -419,6 +420,11 @@ class Engine:
       if not decode and k:
         positions[i, k:] = last  # padding tokens: harmless positions
     self.shapes_seen.add((self.mode, decode, B, T, N))
+    mesh = getattr(self, "mesh", None)
+    if mesh is not None and self.simulator is None:  # batch metadata over the data axis
+      from icarus_jax.sharding import place_batch
+      tokens, positions, valid, table, slots, dec_token, dec_pos = place_batch(
+          mesh, B, tokens, positions, valid, table, slots, dec_token, dec_pos)
     if self.simulator is not None:
       self.simulator.run_step(self, rows, decode, (B, T, N))
       return None
@@ -428,6 +434,8 @@ class Engine:
           dec_token, dec_pos, slots, attn_fn=self._attn_fn)
     else:
       last_idx = np.array([max(len(r[1]) - 1, 0) for r in rows] + [0] * (B - n), np.int32)
+      if mesh is not None:
+        (last_idx,) = place_batch(mesh, B, last_idx)
       logits, self.pages = engine_steps.conventional_step(
           self.cfg, self.base, self.pool.weights, self.pages, tokens, positions, valid, table,
           last_idx, slots, attn_fn=self._attn_fn)

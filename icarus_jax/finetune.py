@@ -11,7 +11,7 @@ TASK_SEQ_LEN = {"addition": 32, "sorting": 32, "reversal": 32, "kv_lookup": 64}
 def train_one(*, mode, task, base_path=None, rank=8, alpha=16.0, targets=None, steps=300,
               batch_size=32, grad_accum=1, seq_len=0, lr=3e-3, warmup=20, seed=0, workdir,
               save_every=100, tfds_dir=None, tfds_config="default", eval_examples=0,
-              progress=True, stop_after=None, base=None):
+              progress=True, stop_after=None, base=None, mesh=None):
   """Trains one adapter (resumable in ``workdir``) and returns ``(adapter, history, summary)``.
 
   ``base``: an already loaded ``(config, params)``; else ``base_path`` (default: embedded base).
@@ -25,6 +25,9 @@ def train_one(*, mode, task, base_path=None, rank=8, alpha=16.0, targets=None, s
 
   t0 = time.time()
   cfg, params = base if base is not None else load_any_base(base_path)
+  if mesh:  # e.g. "data:2,model:4": the frozen base is sharded, the step runs SPMD
+    from icarus_jax.sharding import make_mesh, shard_base
+    params = shard_base(cfg, params, make_mesh(mesh))
   tok = ByteTokenizer()
   seq_len = seq_len or TASK_SEQ_LEN.get(task, 256)
   tc = TrainConfig(mode=mode, rank=rank, alpha=alpha, targets=tuple(targets) if targets else None,

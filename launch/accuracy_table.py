@@ -41,7 +41,6 @@ LABELS = {"base": "base", "lora": "standard LoRA", "full": "full FT", "icarus_lo
 
 
 def main(argv):
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
 
   from icarus_jax.assets import load_any_base

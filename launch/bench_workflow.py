@@ -165,7 +165,6 @@ def ratio_table(results: list[dict], label: str) -> str:
 
 def main(argv):
   del argv
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from icarus_jax.bench import plot_sweep
   t0 = time.time()
   out_path = Path(FLAGS.out)

@@ -75,7 +75,6 @@ def plot(results: dict, path: Path) -> None:
 
 def main(argv):
   del argv
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
   jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -31,7 +31,6 @@ flags.DEFINE_bool("assert_base", False, "For an adapter that records no base fin
 
 def main(argv):
   del argv
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from icarus_jax.adapters import check_adapter
   from icarus_jax.assets import load_any_base
   from icarus_jax.data import eval_prompts, examples_source

@@ -90,7 +90,6 @@ def generic_text(n_chars: int, seed: int) -> str:
 
 def main(argv):
   del argv
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
   import jax
   import numpy as np
   import optax

@@ -42,10 +42,15 @@ flags.DEFINE_integer("save_every", 100, "Checkpoint period in steps.")
 flags.DEFINE_string("tfds_dir", "~/tensorflow_datasets", "TFDS data_dir for the task builders.")
 flags.DEFINE_string("tfds_config", "default", "Task builder config (default or small).")
 flags.DEFINE_integer("eval_examples", 0, "Exact-match eval on this many test examples at the end.")
+flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:2,model:4 (base sharded over it).")
+flags.DEFINE_string("coordinator", None, "jax.distributed coordinator host:port (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Processes in the jax.distributed job.")
+flags.DEFINE_integer("process_id", None, "This process's index in the jax.distributed job.")
 
 def main(argv):
   del argv
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from icarus_jax.sharding import maybe_initialize_distributed
+  maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   kw = {}
   if FLAGS.config:
     kw.update(json.loads(Path(FLAGS.config).read_text()))
@@ -55,7 +60,7 @@ def main(argv):
       kw[name] = FLAGS[name].value
   workdir = FLAGS.workdir or f"runs/{Path(kw['task']).stem}_{kw['mode']}_s{kw['seed']}"
   from icarus_jax.finetune import train_one
-  _, _, out = train_one(base_path=FLAGS.base, workdir=workdir,
+  _, _, out = train_one(base_path=FLAGS.base, workdir=workdir, mesh=FLAGS.mesh,
                         tfds_dir=os.path.expanduser(FLAGS.tfds_dir), **kw)
   print(json.dumps(out, indent=2))
   (Path(workdir) / "result.json").write_text(json.dumps(out, indent=2) + "\n")

@@ -1,0 +1,91 @@
+"""Run in a subprocess with 8 forced CPU devices (see test_sharding.py); prints one JSON line."""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from icarus_jax import IcarusError, init_adapter, init_base_params, tiny_config  # noqa: E402
+from icarus_jax import engine_steps  # noqa: E402
+from icarus_jax.engine import Engine  # noqa: E402
+from icarus_jax.sampling import SamplingParams  # noqa: E402
+from icarus_jax.sharding import make_mesh, shard_base, shard_engine  # noqa: E402
+from icarus_jax.training import TrainConfig, init_trainable, make_optimizer, train_step  # noqa: E402
+
+
+def main():
+  out = {"devices": len(jax.devices())}
+  cfg = tiny_config(num_heads=8, num_kv_heads=8, head_dim=8, mlp_dim=128)
+  base = init_base_params(cfg, jax.random.key(0), scale=0.1)
+  ads = [init_adapter(cfg, jax.random.key(5 + i), name=f"a{i}", base_params=base, b_std=0.05)
+         for i in range(3)]
+  rng = np.random.RandomState(0)
+  prompts = [list(rng.randint(0, 256, n)) for n in (5, 13, 21, 30)]
+  names = [None, "a0", "a1", "a2"]
+
+  def engine():
+    e = Engine(cfg, base, mode="icarus", num_pages=32, page_size=8, max_batch=4, prefill_chunk=16)
+    for a in ads:
+      e.add_adapter(a)
+    return e
+
+  ref = [o.output_tokens for o in engine().generate(prompts, names, SamplingParams(max_tokens=6))]
+  # one step's logits, unsharded
+  e0 = engine()
+  args = (np.array([[3, 4, 5, 6]], np.int32), np.array([[0, 1, 2, 3]], np.int32),
+          np.ones((1, 4), bool), np.array([[1]], np.int32), np.array([6], np.int32),
+          np.array([3], np.int32), np.array([2], np.int32))
+  l0, _ = engine_steps.icarus_step(cfg, e0.base, e0.pool.weights, e0.pages, *args)
+  tc = TrainConfig(mode="icarus_lora")
+  batch = {"inputs": jnp.asarray(rng.randint(0, 256, (4, 16)), jnp.int32),
+           "targets": jnp.asarray(rng.randint(0, 256, (4, 16)), jnp.int32),
+           "mask": jnp.ones((4, 16))}
+  tx = make_optimizer(tc)
+  ad0 = init_trainable(cfg, base, tc)
+  ad0 = jax.tree.map(lambda x: x + 0.01, ad0)
+  t0, _, m0 = train_step(cfg, ad0, tx.init(ad0.params), base, batch, tx=tx)
+  for spec in ("data:1,model:8", "data:2,model:4", "data:8,model:1"):
+    mesh = make_mesh(spec)
+    e = shard_engine(engine(), mesh)
+    got = [o.output_tokens for o in e.generate(prompts, names, SamplingParams(max_tokens=6))]
+    e1 = shard_engine(engine(), mesh)
+    l1, pages = engine_steps.icarus_step(cfg, e1.base, e1.pool.weights, e1.pages, *args)
+    sb = shard_base(cfg, base, mesh)
+    ad1 = init_trainable(cfg, base, tc)
+    ad1 = jax.tree.map(lambda x: x + 0.01, ad1)
+    t1, _, m1 = train_step(cfg, ad1, tx.init(ad1.params), sb, batch, tx=tx)
+    out[spec] = {
+        "tokens_equal": got == ref,
+        "step_logits_max_diff": float(jnp.abs(l1 - l0).max()),
+        "train_loss_diff": abs(float(m1["loss"]) - float(m0["loss"])),
+        "train_params_max_diff": float(max(jax.tree.leaves(jax.tree.map(
+            lambda a, b: jnp.abs(a - b).max(), t1.params, t0.params)))),
+        "q_weight_sharding": str(e.base["layers"]["q"].sharding.spec),
+        "q_weight_replicated": e.base["layers"]["q"].sharding.is_fully_replicated,
+        "pages_sharding": str(e.pages.sharding.spec),
+        "pages_devices": len(e.pages.sharding.device_set),
+        "pool_sharding": str(e.pool.weights["layers"]["q"]["b"].sharding.spec),
+    }
+  try:
+    make_mesh("data:4,model:4")
+  except IcarusError as err:
+    out["too_large_error"] = str(err)
+  try:
+    shard_engine(Engine(tiny_config(), init_base_params(tiny_config(), jax.random.key(0)),
+                        num_pages=8, page_size=8), make_mesh("data:2,model:4"))
+  except IcarusError as err:
+    out["kv_heads_error"] = str(err)
+  print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+  main()
