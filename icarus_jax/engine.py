@@ -45,7 +45,7 @@ from icarus_jax.prefix_cache import PrefixCache
 from icarus_jax.sampling import SamplingParams, sample
 
 MODES = ("icarus", "isolated")
-ATTENTION_BACKENDS = ("reference", "pallas")
+ATTENTION_BACKENDS = ("reference",)  # "pallas" arrives with kernels_pallas (issue 5)
 
 
 class UnknownAdapterError(IcarusError):
@@ -159,7 +159,7 @@ class Engine:
     max_batch: most requests decoded together.
     prefill_chunk: most new tokens per row in one prefill call (longer prompts are chunked).
     max_adapters, max_rank, targets: adapter pool shape (fixed: adding adapters never recompiles).
-    attention_backend: ``"reference"`` (jnp) or ``"pallas"`` (kernels_pallas; interpret on CPU).
+    attention_backend: ``"reference"`` (jnp paged attention; the Pallas kernels are not built yet).
     tokenizer: optional, for text prompts.
     max_seq_len: longest prompt + output (default: the model's).
   """
@@ -218,10 +218,8 @@ class Engine:
 
   # ------------------------------------------------------------------------------ adapters
   def _make_attn_fn(self, backend):
-    if backend == "reference":
-      return None
-    from kernels_pallas import engine_attention  # noqa: WPS433 (optional dependency on kernels)
-    return engine_attention.make_attention_fn(interpret=jax.default_backend() == "cpu")
+    del backend  # only "reference" (validated in __init__) exists so far
+    return None
 
   def add_adapter(self, adapter: Adapter, name: str | None = None) -> None:
     """Registers ``adapter`` under ``name`` (default: its own). Checks gate and fingerprint."""
