@@ -204,7 +204,7 @@ class Engine:
       self.pool = _SimulatedPool(max_adapters)
       self.pages = None
     self.attention_backend = attention_backend
-    self._attn_fn = self._make_attn_fn(attention_backend) if simulator is None else None
+    self._attn_fn = None  # jnp reference attention (the only backend so far)
     self.adapters: dict[str, Adapter] = {}
     self._draining: set[str] = set()
     self.waiting: collections.deque[_Seq] = collections.deque()
@@ -217,10 +217,6 @@ class Engine:
     self.mesh = None  # set by sharding.shard_engine
 
   # ------------------------------------------------------------------------------ adapters
-  def _make_attn_fn(self, backend):
-    del backend  # only "reference" (validated in __init__) exists so far
-    return None
-
   def add_adapter(self, adapter: Adapter, name: str | None = None) -> None:
     """Registers ``adapter`` under ``name`` (default: its own). Checks gate and fingerprint."""
     name = name or adapter.name
@@ -617,6 +613,8 @@ class Engine:
     for p in np.nonzero(used)[0]:
       assert not self.alloc.is_free(int(p)), f"page {p} is free but in use"
     assert self.alloc.num_free + int(used[1:].sum()) == self.alloc.capacity
+    assert self.cache.num_unreferenced() == self.cache.num_evictable(), \
+        "an unreferenced cached page sits above a referenced one (not evictable)"
 
   def flush_cache(self) -> int:
     """Evicts every unreferenced cached page; returns how many were freed."""

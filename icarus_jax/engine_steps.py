@@ -30,7 +30,7 @@ import jax.numpy as jnp
 
 from icarus_jax.config import ModelConfig
 from icarus_jax.model import (_lora_delta, apply_rope, attention, embed, head, layer_kv, layer_out,
-                              layer_q, rms_norm)
+                              layer_q, project, rms_norm)
 from icarus_jax.params import Params
 
 
@@ -94,8 +94,8 @@ def icarus_step(cfg: ModelConfig, base: Params, pool: Params, pages: jax.Array,
     a = rms_norm(h, lp["attn_norm"], cfg.norm_eps)
     q = _proj_dec(a, lp["q"], lp.get("q_bias"), ll.get("q"), rows, T).reshape(B, T + 1, H, hd)
     ae = a[:, :T]
-    k = (ae @ lp["k"] + (lp["k_bias"] if "k_bias" in lp else 0)).reshape(B, T, K, hd)
-    v = (ae @ lp["v"] + (lp["v_bias"] if "v_bias" in lp else 0)).reshape(B, T, K, hd)
+    k = project(ae, lp["k"], bias=lp.get("k_bias")).reshape(B, T, K, hd)  # encoder: no adapter
+    v = project(ae, lp["v"], bias=lp.get("v_bias")).reshape(B, T, K, hd)
     if cfg.qk_norm:
       q = rms_norm(q, lp["q_norm"], cfg.norm_eps)
       k = rms_norm(k, lp["k_norm"], cfg.norm_eps)

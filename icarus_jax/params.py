@@ -64,7 +64,7 @@ def param_shapes(cfg: ModelConfig) -> Params:
 
 
 def init_base_params(cfg: ModelConfig, key: jax.Array, *, scale: float = 0.02) -> Params:
-  """Random base parameters (normal(0, scale) matrices, unit norms, zero biases)."""
+  """Random base parameters: normal(0, scale) matrices and biases, unit norms."""
   shapes = param_shapes(cfg)
   flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
   keys = jax.random.split(key, len(flat))
@@ -74,9 +74,7 @@ def init_base_params(cfg: ModelConfig, key: jax.Array, *, scale: float = 0.02) -
     name = path[-1].key
     if name.endswith("norm"):
       leaves.append(jnp.ones(shape, dtype))
-    elif name.endswith("bias"):
-      leaves.append((scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-    else:
+    else:  # matrices and biases
       leaves.append((scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
   return jax.tree_util.tree_unflatten(treedef, leaves)
 

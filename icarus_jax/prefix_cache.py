@@ -32,10 +32,6 @@ class Node:
   children: dict[tuple[int, ...], "Node"] = dataclasses.field(default_factory=dict)
   last_access: int = 0
 
-  @property
-  def full(self) -> bool:
-    return self.parent is not None and len(self.tokens) > 0
-
 
 @dataclasses.dataclass
 class Match:

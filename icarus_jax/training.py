@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 import optax
@@ -143,7 +141,3 @@ def param_diff(a: Params, b: Params) -> float:
   """Max |a - b| over all leaves (0.0 means bitwise equal values)."""
   diffs = jax.tree_util.tree_map(lambda x, y: jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32))), a, b)
   return float(max(jax.tree_util.tree_leaves(diffs), default=0.0))
-
-
-def trainable_leaves(adapter: Adapter) -> Sequence[jax.Array]:
-  return jax.tree_util.tree_leaves(adapter.params)
