@@ -45,7 +45,9 @@ from icarus_jax.prefix_cache import PrefixCache
 from icarus_jax.sampling import SamplingParams, sample
 
 MODES = ("icarus", "isolated")
-ATTENTION_BACKENDS = ("reference",)  # "pallas" arrives with kernels_pallas (issue 5)
+ATTENTION_BACKENDS = ("reference", "pallas")
+ATTENTION_FNS = {"reference": engine_steps.paged_attention_reference,
+                 "pallas": engine_steps.paged_attention_pallas}
 
 
 class UnknownAdapterError(IcarusError):
@@ -159,7 +161,9 @@ class Engine:
     max_batch: most requests decoded together.
     prefill_chunk: most new tokens per row in one prefill call (longer prompts are chunked).
     max_adapters, max_rank, targets: adapter pool shape (fixed: adding adapters never recompiles).
-    attention_backend: ``"reference"`` (jnp paged attention; the Pallas kernels are not built yet).
+    attention_backend: ``"reference"`` (jnp paged attention that gathers the row's pages) or
+      ``"pallas"`` (``kernels_pallas``: pages read in place, streams folded into the GQA group;
+      interpret mode on CPU, the GPU or TPU lowering on accelerators).
     tokenizer: optional, for text prompts.
     max_seq_len: longest prompt + output (default: the model's).
   """
@@ -204,7 +208,7 @@ class Engine:
       self.pool = _SimulatedPool(max_adapters)
       self.pages = None
     self.attention_backend = attention_backend
-    self._attn_fn = None  # jnp reference attention (the only backend so far)
+    self._attn_fn = ATTENTION_FNS[attention_backend]
     self.adapters: dict[str, Adapter] = {}
     self._draining: set[str] = set()
     self.waiting: collections.deque[_Seq] = collections.deque()

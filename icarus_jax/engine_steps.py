@@ -63,6 +63,18 @@ def paged_attention_reference(q, pages_l, page_table, q_pos, *, sliding_window=N
   return attention(q, k, v, q_pos, k_pos, sliding_window=sliding_window)
 
 
+def paged_attention_pallas(q, pages_l, page_table, q_pos, *, sliding_window=None):
+  """The Pallas kernel on the engine's layout: tokens and the decoder row folded per kv head.
+
+  Same contract as :func:`paged_attention_reference`. A decode step (``T + 1 = 2`` rows at one
+  position) is one query block whose pages are read once for both streams; a prefill chunk is
+  cut into blocks of 16 tokens that each skip the pages causality hides from them.
+  """
+  from kernels_pallas.paged_attention import paged_attention  # noqa: PLC0415 (optional dep)
+  return paged_attention(q, pages_l, page_table, q_pos, sliding_window=sliding_window,
+                         q_block=min(q.shape[1], 16))
+
+
 def _proj_dec(x, w, bias, lora, rows, T):
   """``x [B, T+1, in] @ w``; the LoRA delta only on the decoder token ``x[:, T:]``."""
   y = x @ w

@@ -14,6 +14,8 @@ from icarus_jax.sampling import SamplingParams
 PS = 8          # page size
 NUM_PAGES = 64
 MODES = ["icarus", "isolated"]
+# The equality tests run with both attention backends (Pallas in interpret mode on CPU).
+BACKENDS = pytest.mark.parametrize("backend", ["reference", "pallas"])
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +50,11 @@ def prompts(seed, lengths):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_mixed_batches_equal_naive_reference(setup, mode):
+@BACKENDS
+def test_mixed_batches_equal_naive_reference(setup, mode, backend):
   """Base + 3 adapters, prompt lengths around page boundaries, different output lengths, and
   requests joining while others run."""
-  eng = make_engine(setup, mode)
+  eng = make_engine(setup, mode, attention_backend=backend)
   names = [None, "agent0", "agent1", "agent2"]
   first = prompts(1, [PS - 1, PS, PS + 1, 2 * PS + 3])
   max_toks = [9, 4, 12, 7]
@@ -69,18 +72,20 @@ def test_mixed_batches_equal_naive_reference(setup, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_long_prompt_is_chunked(setup, mode):
-  eng = make_engine(setup, mode)
+@BACKENDS
+def test_long_prompt_is_chunked(setup, mode, backend):
+  eng = make_engine(setup, mode, attention_backend=backend)
   p = prompts(3, [53])[0]  # 4 chunks of <= 16 tokens
   out = eng.generate([p], ["agent1"], SamplingParams(max_tokens=5))[0]
   assert out.output_tokens == ref(setup, eng, "agent1", p, 5)
   assert eng.stats.prefill_tokens_computed == 53
 
 
-def test_cross_model_reuse_icarus(setup):
+@BACKENDS
+def test_cross_model_reuse_icarus(setup, backend):
   """Agent A answers; agent B gets A's prompt + answer + a new question and computes only the
   new tokens; its output equals the naive reference."""
-  eng = make_engine(setup, "icarus")
+  eng = make_engine(setup, "icarus", attention_backend=backend)
   prompt_a = prompts(4, [21])[0]
   out_a = eng.generate([prompt_a], ["agent0"], SamplingParams(max_tokens=6))[0]
   question = prompts(5, [11])[0]
@@ -103,8 +108,9 @@ def test_cross_model_reuse_icarus(setup):
   assert eng.stats.hit_rate("agent2") == pytest.approx((len(prompt_c) - len(question)) / len(prompt_c))
 
 
-def test_cross_model_reuse_isolated_recomputes(setup):
-  eng = make_engine(setup, "isolated")
+@BACKENDS
+def test_cross_model_reuse_isolated_recomputes(setup, backend):
+  eng = make_engine(setup, "isolated", attention_backend=backend)
   prompt_a = prompts(4, [21])[0]
   out_a = eng.generate([prompt_a], ["agent0"], SamplingParams(max_tokens=6))[0]
   prompt_b = prompt_a + out_a.output_tokens + prompts(5, [11])[0]
@@ -127,8 +133,9 @@ def eight(setup):
 
 
 @pytest.mark.parametrize("mode,copies", [("icarus", 1), ("isolated", 8)])
-def test_fan_out_prefills_once(setup, eight, mode, copies):
-  eng = make_engine(setup, mode, n_adapters=0, max_batch=8)
+@BACKENDS
+def test_fan_out_prefills_once(setup, eight, mode, copies, backend):
+  eng = make_engine(setup, mode, n_adapters=0, max_batch=8, attention_backend=backend)
   for a in eight[mode]:
     eng.add_adapter(a)
   context = prompts(6, [4 * PS])[0]
@@ -143,10 +150,11 @@ def test_fan_out_prefills_once(setup, eight, mode, copies):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_page_accounting_and_preemption(setup, mode):
+@BACKENDS
+def test_page_accounting_and_preemption(setup, mode, backend):
   """A pool far too small for the load completes every request by preemption; afterwards, with
   the cache flushed, every page is free and no refcount is negative."""
-  eng = make_engine(setup, mode, num_pages=12)  # 11 usable pages of 8 tokens
+  eng = make_engine(setup, mode, num_pages=12, attention_backend=backend)  # 11 usable pages of 8 tokens
   ps = prompts(7, [20, 13, 25, 9, 30, 17])
   names = ["agent0", "agent1", None, "agent2", "agent0", "agent1"]
   rids = [eng.submit(p, n, SamplingParams(max_tokens=12)) for p, n in zip(ps, names)]
@@ -344,3 +352,12 @@ def test_text_prompts_with_a_tokenizer(setup):
   assert out.output_tokens == ref(setup, eng, "agent0", tok.encode("sort qdax:"), 3)
   with pytest.raises(IcarusError, match="no tokenizer"):
     make_engine(setup, "icarus").submit("text", "agent0")
+
+
+def test_unknown_attention_backend_is_refused(setup):
+  cfg, params, _ = setup
+  with pytest.raises(IcarusError, match=r"attention_backend='triton' is unknown; accepted: "
+                                        r"\('reference', 'pallas'\)"):
+    Engine(cfg, params, attention_backend="triton")
+  assert Engine(cfg, params, attention_backend="pallas", num_pages=4)._attn_fn is (
+      engine_steps.paged_attention_pallas)

@@ -1,0 +1,86 @@
+"""Paged decode attention with several query streams per sequence, over the one shared KV pool.
+
+``q [batch, streams, heads, head_dim]``: stream 0 is typically the ICaRus encoder row of the new
+token, the others are decoder rows of adapters reading the same sequence (the fused step has 2;
+a fan-out of one context to ``n`` adapters has ``n + 1``). All streams of a row attend to the
+same keys ``[0, lengths[b])`` through one page table, so the kernel folds the streams into the
+GQA query group (``streams * heads / kv_heads`` rows per kv head) and reads every K/V page once
+for all of them. Long contexts are split over the grid (``num_splits``, flash-decoding) and the
+partials merged with a log-sum-exp weighting.
+
+The kernels themselves (GPU-style and TPU-style lowerings, in-kernel page loop, online softmax)
+live in :mod:`kernels_pallas.paged_attention`, shared with the prefill entry point; this file is
+the decode contract: wrapper, validation and an independent pure-jnp reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas.paged_attention import paged_attention
+
+
+def paged_decode_attention_reference(q: jax.Array, pages: jax.Array, page_table: jax.Array,
+                                     lengths: jax.Array, *, sliding_window: int | None = None
+                                     ) -> jax.Array:
+  """Dense jnp decode attention: each stream of row ``b`` sees keys ``[0, lengths[b])``.
+
+  q ``[B, S, H, hd]``, pages ``[P, ps, 2K, hd]``, page_table ``[B, N]``, lengths ``[B]``;
+  returns ``[B, S, H, hd]`` in q's dtype (0 for ``lengths == 0``).
+  """
+  B, S, H, hd = q.shape
+  ps, K = pages.shape[1], pages.shape[2] // 2
+  N = page_table.shape[1]
+  kv = pages[page_table].reshape(B, N * ps, 2 * K, hd)
+  k_pos = jnp.arange(N * ps)[None, :]
+  visible = k_pos < lengths[:, None]  # [B, N*ps]
+  if sliding_window is not None:
+    visible &= k_pos >= lengths[:, None] - sliding_window
+  kv = jnp.where(visible[:, :, None, None], kv, 0)  # NaN in pages nobody may read stays out
+  k = kv[:, :, :K].astype(jnp.float32)
+  v = kv[:, :, K:].astype(jnp.float32)
+  qg = q.astype(jnp.float32).reshape(B, S, K, H // K, hd)
+  logits = jnp.einsum("bskgd,bnkd->bskgn", qg, k) / math.sqrt(hd)
+  logits = jnp.where(visible[:, None, None, None], logits, -jnp.inf)
+  w = jax.nn.softmax(logits, axis=-1)
+  w = jnp.where(visible[:, None, None, None], w, 0.0)  # lengths == 0: all -inf -> NaN -> 0
+  o = jnp.einsum("bskgn,bnkd->bskgd", w, v)
+  return o.reshape(B, S, H, hd).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("sliding_window", "pages_per_chunk", "num_splits",
+                                             "impl", "interpret"))
+def paged_decode_attention(q: jax.Array, pages: jax.Array, page_table: jax.Array,
+                           lengths: jax.Array, *, sliding_window: int | None = None,
+                           pages_per_chunk: int = 4, num_splits: int = 1, impl: str = "auto",
+                           interpret=None) -> jax.Array:
+  """Decode attention of ``streams`` query rows per sequence over the shared paged pool.
+
+  Args:
+    q: ``[batch, streams, heads, head_dim]`` f32/bf16/f16 queries, RoPE applied.
+    pages: ``[num_pages, page_size, 2 * kv_heads, head_dim]`` one layer of the pool (K heads then
+      V heads), same dtype as q.
+    page_table: ``[batch, pages_per_seq]`` int pool pages of each sequence.
+    lengths: ``[batch]`` int number of cached tokens of each sequence (the current token
+      included); every stream of the row sees keys ``[0, length)``.
+    sliding_window, pages_per_chunk, num_splits, impl, interpret: see
+      :func:`kernels_pallas.paged_attention.paged_attention` (static).
+  Returns:
+    ``[batch, streams, heads, head_dim]`` in q's dtype.
+  Raises:
+    ValueError naming the argument for bad shapes, dtypes or tuning values.
+  """
+  if q.ndim != 4:
+    raise ValueError(f"q must be [batch, streams, heads, head_dim]; got shape {q.shape}")
+  if lengths.shape != (q.shape[0],) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"lengths must be int [batch={q.shape[0]}]; got "
+                     f"{lengths.dtype}{list(lengths.shape)}")
+  B, S = q.shape[:2]
+  q_pos = jnp.broadcast_to((lengths.astype(jnp.int32) - 1)[:, None], (B, S))
+  return paged_attention(q, pages, page_table, q_pos, sliding_window=sliding_window, q_block=S,
+                         pages_per_chunk=pages_per_chunk, num_splits=num_splits, impl=impl,
+                         interpret=interpret)

@@ -1,0 +1,247 @@
+"""Pallas kernels in interpret mode against their pure-jnp references.
+
+Every case shuffles the page tables, fills every page slot no query may read with NaN (a stray
+read poisons the output) and mixes lengths 1, ps - 1, ps, ps + 1 and a long one in one batch.
+GPU-style kernels run with ``interpret=True``, TPU-style ones under ``pltpu.InterpretParams``
+(DMA, semaphores and SMEM simulated; uninitialised VMEM is NaN, out-of-bounds reads raise).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels_pallas.paged_attention import paged_attention, paged_attention_reference
+from kernels_pallas.paged_decode_attention import (paged_decode_attention,
+                                                   paged_decode_attention_reference)
+from kernels_pallas.ragged_prefill_attention import (ragged_paged_prefill_attention,
+                                                     ragged_paged_prefill_attention_reference)
+
+PS = 8
+HD = 16
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+def interp(impl):
+  return pltpu.InterpretParams() if impl == "tpu" else True
+
+
+def make_pool(rng, lengths, *, kv_heads, dtype, pages_per_seq=None, extra_pages=5):
+  """Pool with shuffled page tables; every slot at or past each row's length is NaN."""
+  lengths = np.asarray(lengths)
+  need = [max(1, -(-int(n) // PS)) for n in lengths]
+  N = pages_per_seq or max(need) + 1
+  P = sum(need) + extra_pages + 1
+  pages = np.full((P, PS, 2 * kv_heads, HD), np.nan, np.float32)
+  free = list(rng.permutation(np.arange(1, P)))
+  table = np.zeros((len(lengths), N), np.int32)
+  for b, n in enumerate(lengths):
+    for j in range(N):
+      table[b, j] = free.pop() if j < need[b] else rng.randint(0, P)  # unused: any page, NaN
+    for p in range(int(n)):
+      pages[table[b, p // PS], p % PS] = rng.randn(2 * kv_heads, HD)
+  return jnp.asarray(pages, dtype), jnp.asarray(table)
+
+
+def assert_close(out, ref, dtype):
+  out = np.asarray(out.astype(jnp.float32))
+  ref = np.asarray(ref.astype(jnp.float32))
+  assert np.isfinite(out).all(), "NaN/inf leaked from a poisoned page"
+  tol = TOL[dtype]
+  np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
+
+
+LENGTHS = [1, PS - 1, PS, PS + 1, 6 * PS + 3]
+
+
+@pytest.mark.parametrize("impl", ["gpu", "tpu"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("streams,group", [(1, 1), (2, 4), (3, 8), (4, 1), (5, 4), (6, 8),
+                                           (7, 1), (8, 4)])
+def test_decode_matches_reference(impl, dtype, streams, group):
+  rng = np.random.RandomState(streams * 10 + group)
+  K = 2
+  pages, table = make_pool(rng, LENGTHS, kv_heads=K, dtype=dtype)
+  q = jnp.asarray(rng.randn(len(LENGTHS), streams, K * group, HD), dtype)
+  lengths = jnp.asarray(LENGTHS, jnp.int32)
+  ref = paged_decode_attention_reference(q, pages, table, lengths)
+  out = paged_decode_attention(q, pages, table, lengths, impl=impl, interpret=interp(impl),
+                               pages_per_chunk=2, num_splits=1 + streams % 3)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("impl", ["gpu", "tpu"])
+def test_decode_split_k_and_sliding_window(impl):
+  """Split-K partials merge exactly; a sliding window skips and masks the pages it hides."""
+  rng = np.random.RandomState(7)
+  lengths = [3, 5 * PS, 9 * PS + 1]
+  pages, table = make_pool(rng, lengths, kv_heads=2, dtype=jnp.float32)
+  q = jnp.asarray(rng.randn(3, 2, 8, HD), jnp.float32)
+  ln = jnp.asarray(lengths, jnp.int32)
+  ref = paged_decode_attention_reference(q, pages, table, ln)
+  for splits in (1, 2, 4, 16):
+    out = paged_decode_attention(q, pages, table, ln, impl=impl, interpret=interp(impl),
+                                 pages_per_chunk=1, num_splits=splits)
+    assert_close(out, ref, jnp.float32)
+  win = 2 * PS + 3
+  ref_w = paged_decode_attention_reference(q, pages, table, ln, sliding_window=win)
+  # Poison what the window hides: the kernel must not read it.
+  pages_np = np.array(pages)
+  for b, n in enumerate(lengths):
+    for p in range(max(0, n - win)):
+      pages_np[int(table[b, p // PS]), p % PS] = np.nan
+  out = paged_decode_attention(q, jnp.asarray(pages_np), table, ln, sliding_window=win,
+                               impl=impl, interpret=interp(impl), pages_per_chunk=2,
+                               num_splits=2)
+  assert_close(out, ref_w, jnp.float32)
+  assert not np.allclose(np.asarray(ref_w), np.asarray(ref), atol=1e-3)
+
+
+def test_streams_share_pages_with_single_stream_results():
+  """Folding streams into the group gives each stream exactly its single-stream answer."""
+  rng = np.random.RandomState(3)
+  pages, table = make_pool(rng, LENGTHS, kv_heads=2, dtype=jnp.float32)
+  q = jnp.asarray(rng.randn(len(LENGTHS), 8, 8, HD), jnp.float32)
+  ln = jnp.asarray(LENGTHS, jnp.int32)
+  fused = paged_decode_attention(q, pages, table, ln, impl="gpu", interpret=True)
+  for s in (0, 3, 7):
+    single = paged_decode_attention(q[:, s:s + 1], pages, table, ln, impl="gpu", interpret=True)
+    np.testing.assert_allclose(np.asarray(fused[:, s:s + 1]), np.asarray(single), atol=1e-6)
+
+
+def ragged_case(rng, *, kv_heads, dtype, q_lens, prefix_lens):
+  kv_lens = [q + p for q, p in zip(q_lens, prefix_lens)]
+  pages, table = make_pool(rng, kv_lens, kv_heads=kv_heads, dtype=dtype)
+  cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+  Tt = int(cu[-1]) + 3  # three padding rows at the end of the packed array
+  return pages, table, jnp.asarray(cu), jnp.asarray(kv_lens, jnp.int32), Tt
+
+
+@pytest.mark.parametrize("impl", ["gpu", "tpu"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_ragged_prefill_matches_reference(impl, dtype, group):
+  rng = np.random.RandomState(group)
+  K = 2
+  q_lens = [1, PS - 1, PS + 1, 3 * PS + 2, PS]
+  prefix_lens = [0, PS, 3, 4 * PS + 1, 0]  # fresh prompts and prompts behind a cached prefix
+  pages, table, cu, kv_lens, Tt = ragged_case(rng, kv_heads=K, dtype=dtype, q_lens=q_lens,
+                                              prefix_lens=prefix_lens)
+  q = jnp.asarray(rng.randn(Tt, K * group, HD), dtype)
+  ref = ragged_paged_prefill_attention_reference(q, pages, table, cu, kv_lens)
+  out = ragged_paged_prefill_attention(q, pages, table, cu, kv_lens, max_q_len=max(q_lens),
+                                       q_block=8, pages_per_chunk=2, impl=impl,
+                                       interpret=interp(impl))
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert_close(out, ref, dtype)
+  assert np.all(np.asarray(out[int(cu[-1]):]) == 0)
+
+
+@pytest.mark.parametrize("impl", ["gpu", "tpu"])
+def test_ragged_prefill_sliding_window_and_splits(impl):
+  rng = np.random.RandomState(11)
+  pages, table, cu, kv_lens, Tt = ragged_case(rng, kv_heads=1, dtype=jnp.float32,
+                                              q_lens=[2 * PS + 5, 3], prefix_lens=[3 * PS, 7])
+  q = jnp.asarray(rng.randn(Tt, 4, HD), jnp.float32)
+  for win in (None, PS + 3):
+    ref = ragged_paged_prefill_attention_reference(q, pages, table, cu, kv_lens,
+                                                   sliding_window=win)
+    out = ragged_paged_prefill_attention(q, pages, table, cu, kv_lens, max_q_len=2 * PS + 5,
+                                         q_block=4, sliding_window=win, num_splits=3,
+                                         pages_per_chunk=1, impl=impl, interpret=interp(impl))
+    assert_close(out, ref, jnp.float32)
+
+
+@pytest.mark.parametrize("impl", ["gpu", "tpu"])
+def test_general_positions_and_padding_rows(impl):
+  """The engine's fused layout: prefill tokens plus a decoder row, and all-padding rows."""
+  rng = np.random.RandomState(5)
+  pages, table = make_pool(rng, [2 * PS + 3, 5], kv_heads=2, dtype=jnp.float32)
+  q_pos = jnp.asarray([[16, 17, 18, 18], [-1, -1, -1, -1]], jnp.int32)
+  q = jnp.asarray(rng.randn(2, 4, 4, HD), jnp.float32)
+  out = paged_attention(q, pages, table, q_pos, q_block=3, impl=impl, interpret=interp(impl))
+  ref = paged_attention_reference(q, pages, table, q_pos)
+  assert_close(out, ref, jnp.float32)
+  assert np.all(np.asarray(out[1]) == 0)
+
+
+def test_tpu_kernel_race_free():
+  """The double-buffered DMA schedule has no read/write race (interpreter race detector)."""
+  rng = np.random.RandomState(9)
+  pages, table = make_pool(rng, [5 * PS + 1, PS], kv_heads=1, dtype=jnp.float32)
+  q = jnp.asarray(rng.randn(2, 2, 2, HD), jnp.float32)
+  ln = jnp.asarray([5 * PS + 1, PS], jnp.int32)
+  params = pltpu.InterpretParams(detect_races=True, dma_execution_mode="eager")
+  out = paged_decode_attention(q, pages, table, ln, impl="tpu", interpret=params,
+                               pages_per_chunk=2)
+  assert_close(out, paged_decode_attention_reference(q, pages, table, ln), jnp.float32)
+  from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
+  assert not ipc.races.races_found
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _args():
+  q = jnp.zeros((2, 3, 4, HD), jnp.float32)
+  pages = jnp.zeros((6, PS, 4, HD), jnp.float32)
+  table = jnp.zeros((2, 3), jnp.int32)
+  return q, pages, table, jnp.zeros((2, 3), jnp.int32)
+
+
+@pytest.mark.parametrize("change,kwargs,match", [
+    (dict(q=jnp.zeros((2, 4, HD))), {}, "q must be"),
+    (dict(pages=jnp.zeros((6, PS, HD))), {}, "pages must be"),
+    (dict(pages=jnp.zeros((6, PS, 4, 8))), {}, "head_dim"),
+    (dict(pages=jnp.zeros((6, PS, 3, HD))), {}, "must be even"),
+    (dict(pages=jnp.zeros((6, PS, 6, HD))), {}, "multiple of the kv heads"),
+    (dict(pages=jnp.zeros((6, PS, 4, HD), jnp.bfloat16)), {}, "q dtype"),
+    (dict(q=jnp.zeros((2, 3, 4, HD), jnp.int32), pages=jnp.zeros((6, PS, 4, HD), jnp.int32)),
+     {}, "unsupported"),
+    (dict(page_table=jnp.zeros((3, 3), jnp.int32)), {}, "page_table"),
+    (dict(page_table=jnp.zeros((2, 3), jnp.float32)), {}, "page_table"),
+    (dict(q_pos=jnp.zeros((2, 2), jnp.int32)), {}, "q_pos"),
+    ({}, dict(sliding_window=0), "sliding_window"),
+    ({}, dict(q_block=0), "q_block"),
+    ({}, dict(pages_per_chunk=-1), "pages_per_chunk"),
+    ({}, dict(num_splits=0), "num_splits"),
+    ({}, dict(impl="cuda"), "impl"),
+])
+def test_paged_attention_validation(change, kwargs, match):
+  q, pages, table, pos = _args()
+  args = dict(q=q, pages=pages, page_table=table, q_pos=pos)
+  args.update(change)
+  with pytest.raises(ValueError, match=match):
+    paged_attention(args["q"], args["pages"], args["page_table"], args["q_pos"], interpret=True,
+                    **kwargs)
+
+
+def test_decode_validation():
+  q, pages, table, _ = _args()
+  with pytest.raises(ValueError, match="q must be"):
+    paged_decode_attention(q[0], pages, table, jnp.ones((2,), jnp.int32), interpret=True)
+  with pytest.raises(ValueError, match="lengths"):
+    paged_decode_attention(q, pages, table, jnp.ones((3,), jnp.int32), interpret=True)
+  with pytest.raises(ValueError, match="lengths"):
+    paged_decode_attention(q, pages, table, jnp.ones((2,), jnp.float32), interpret=True)
+  with pytest.raises(ValueError, match="num_splits"):
+    paged_decode_attention(q, pages, table, jnp.ones((2,), jnp.int32), num_splits=0,
+                           interpret=True)
+
+
+def test_ragged_prefill_validation():
+  _, pages, table, _ = _args()
+  q = jnp.zeros((5, 4, HD), jnp.float32)
+  cu = jnp.asarray([0, 2, 5], jnp.int32)
+  kv = jnp.asarray([2, 3], jnp.int32)
+  call = lambda **kw: ragged_paged_prefill_attention(  # noqa: E731
+      **{**dict(q=q, pages=pages, page_tables=table, cu_q_lens=cu, kv_lens=kv, max_q_len=3,
+                interpret=True), **kw})
+  for kw, match in [(dict(q=q[None]), "q must be"), (dict(page_tables=table[0]), "page_tables"),
+                    (dict(cu_q_lens=cu[:2]), "cu_q_lens"), (dict(kv_lens=kv[:1]), "kv_lens"),
+                    (dict(kv_lens=kv.astype(jnp.float32)), "kv_lens"),
+                    (dict(max_q_len=0), "max_q_len"), (dict(q_block=0), "q_block"),
+                    (dict(impl="rocm"), "impl")]:
+    with pytest.raises(ValueError, match=match):
+      call(**kw)
