@@ -100,7 +100,9 @@ def _online_softmax_step(carry, q, k, v, row_pos, k_pos, key_ok, *, sliding_wind
   m ``[R, 1]`` f32, l ``[R, 1]`` f32).
   """
   o, m, l = carry
-  s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None  # no silent TF32 for f32
+  s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
+                      preferred_element_type=jnp.float32)
   s = s * scale
   vis = k_pos <= row_pos
   if sliding_window is not None:
@@ -111,7 +113,7 @@ def _online_softmax_step(carry, q, k, v, row_pos, k_pos, key_ok, *, sliding_wind
   alpha = jnp.exp(m - m_new)
   l_new = alpha * l + jnp.sum(p, axis=1, keepdims=True)
   v = jnp.where(key_ok, v, jnp.zeros_like(v))
-  pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+  pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=prec,
                        preferred_element_type=jnp.float32)
   return alpha * o + pv, m_new, l_new
 
@@ -417,6 +419,12 @@ def paged_attention(q: jax.Array, pages: jax.Array, page_table: jax.Array, q_pos
   bounds = jnp.stack([lo, hi], axis=-1).astype(jnp.int32)  # [B, nqb, 2]
 
   ppc = min(pages_per_chunk, N)
+  if impl == "gpu" and not interpret:
+    C = ppc * ps
+    if C < 16 or C & (C - 1) or hd < 16 or hd & (hd - 1):
+      raise ValueError(f"the GPU lowering needs pages_per_chunk * page_size ({ppc} * {ps}) and "
+                       f"head_dim ({hd}) to be powers of two >= 16 (Triton block shapes); "
+                       f"raise pages_per_chunk or use interpret mode")
   n_chunks = -(-N // ppc)
   num_splits = min(num_splits, n_chunks)
   cps = -(-n_chunks // num_splits)

@@ -6,6 +6,8 @@ GPU-style kernels run with ``interpret=True``, TPU-style ones under ``pltpu.Inte
 (DMA, semaphores and SMEM simulated; uninitialised VMEM is NaN, out-of-bounds reads raise).
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,8 +25,20 @@ HD = 16
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
+# benchmarks/gpu_check.sh sets this on a GPU machine: the GPU-style cases then run the real
+# Triton lowering (TPU-style cases stay in the interpreter).
+ON_DEVICE = os.environ.get("ICARUS_KERNELS_ON_DEVICE") == "1"
+
+
 def interp(impl):
-  return pltpu.InterpretParams() if impl == "tpu" else True
+  if impl == "tpu":
+    return pltpu.InterpretParams()
+  return not ON_DEVICE
+
+
+def ppc(n):
+  """pages_per_chunk; the compiled GPU lowering needs >= 16 keys per chunk."""
+  return max(n, 16 // PS) if ON_DEVICE else n
 
 
 def make_pool(rng, lengths, *, kv_heads, dtype, pages_per_seq=None, extra_pages=5):
@@ -67,7 +81,7 @@ def test_decode_matches_reference(impl, dtype, streams, group):
   lengths = jnp.asarray(LENGTHS, jnp.int32)
   ref = paged_decode_attention_reference(q, pages, table, lengths)
   out = paged_decode_attention(q, pages, table, lengths, impl=impl, interpret=interp(impl),
-                               pages_per_chunk=2, num_splits=1 + streams % 3)
+                               pages_per_chunk=ppc(2), num_splits=1 + streams % 3)
   assert out.shape == q.shape and out.dtype == q.dtype
   assert_close(out, ref, dtype)
 
@@ -83,7 +97,7 @@ def test_decode_split_k_and_sliding_window(impl):
   ref = paged_decode_attention_reference(q, pages, table, ln)
   for splits in (1, 2, 4, 16):
     out = paged_decode_attention(q, pages, table, ln, impl=impl, interpret=interp(impl),
-                                 pages_per_chunk=1, num_splits=splits)
+                                 pages_per_chunk=ppc(1), num_splits=splits)
     assert_close(out, ref, jnp.float32)
   win = 2 * PS + 3
   ref_w = paged_decode_attention_reference(q, pages, table, ln, sliding_window=win)
@@ -93,7 +107,7 @@ def test_decode_split_k_and_sliding_window(impl):
     for p in range(max(0, n - win)):
       pages_np[int(table[b, p // PS]), p % PS] = np.nan
   out = paged_decode_attention(q, jnp.asarray(pages_np), table, ln, sliding_window=win,
-                               impl=impl, interpret=interp(impl), pages_per_chunk=2,
+                               impl=impl, interpret=interp(impl), pages_per_chunk=ppc(2),
                                num_splits=2)
   assert_close(out, ref_w, jnp.float32)
   assert not np.allclose(np.asarray(ref_w), np.asarray(ref), atol=1e-3)
@@ -105,9 +119,9 @@ def test_streams_share_pages_with_single_stream_results():
   pages, table = make_pool(rng, LENGTHS, kv_heads=2, dtype=jnp.float32)
   q = jnp.asarray(rng.randn(len(LENGTHS), 8, 8, HD), jnp.float32)
   ln = jnp.asarray(LENGTHS, jnp.int32)
-  fused = paged_decode_attention(q, pages, table, ln, impl="gpu", interpret=True)
+  fused = paged_decode_attention(q, pages, table, ln, impl="gpu", interpret=interp("gpu"))
   for s in (0, 3, 7):
-    single = paged_decode_attention(q[:, s:s + 1], pages, table, ln, impl="gpu", interpret=True)
+    single = paged_decode_attention(q[:, s:s + 1], pages, table, ln, impl="gpu", interpret=interp("gpu"))
     np.testing.assert_allclose(np.asarray(fused[:, s:s + 1]), np.asarray(single), atol=1e-6)
 
 
@@ -132,7 +146,7 @@ def test_ragged_prefill_matches_reference(impl, dtype, group):
   q = jnp.asarray(rng.randn(Tt, K * group, HD), dtype)
   ref = ragged_paged_prefill_attention_reference(q, pages, table, cu, kv_lens)
   out = ragged_paged_prefill_attention(q, pages, table, cu, kv_lens, max_q_len=max(q_lens),
-                                       q_block=8, pages_per_chunk=2, impl=impl,
+                                       q_block=8, pages_per_chunk=ppc(2), impl=impl,
                                        interpret=interp(impl))
   assert out.shape == q.shape and out.dtype == q.dtype
   assert_close(out, ref, dtype)
@@ -150,7 +164,7 @@ def test_ragged_prefill_sliding_window_and_splits(impl):
                                                    sliding_window=win)
     out = ragged_paged_prefill_attention(q, pages, table, cu, kv_lens, max_q_len=2 * PS + 5,
                                          q_block=4, sliding_window=win, num_splits=3,
-                                         pages_per_chunk=1, impl=impl, interpret=interp(impl))
+                                         pages_per_chunk=ppc(1), impl=impl, interpret=interp(impl))
     assert_close(out, ref, jnp.float32)
 
 
@@ -175,7 +189,7 @@ def test_tpu_kernel_race_free():
   ln = jnp.asarray([5 * PS + 1, PS], jnp.int32)
   params = pltpu.InterpretParams(detect_races=True, dma_execution_mode="eager")
   out = paged_decode_attention(q, pages, table, ln, impl="tpu", interpret=params,
-                               pages_per_chunk=2)
+                               pages_per_chunk=ppc(2))
   assert_close(out, paged_decode_attention_reference(q, pages, table, ln), jnp.float32)
   from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
   assert not ipc.races.races_found
@@ -245,3 +259,10 @@ def test_ragged_prefill_validation():
                     (dict(impl="rocm"), "impl")]:
     with pytest.raises(ValueError, match=match):
       call(**kw)
+
+
+def test_gpu_lowering_block_shape_validation():
+  """Checked before lowering, so it is testable on CPU: Triton blocks must be powers of two."""
+  q, pages, table, pos = _args()
+  with pytest.raises(ValueError, match=r"pages_per_chunk \* page_size \(1 \* 8\)"):
+    paged_attention(q, pages, table, pos, impl="gpu", interpret=False, pages_per_chunk=1)
