@@ -1,0 +1,512 @@
+"""OpenAI-compatible HTTP server: every adapter is a model, one KV cache behind them all.
+
+Routes (FastAPI on uvicorn; the engine runs on its own thread, see :mod:`async_engine`):
+
+  GET  /health                      200 while the engine thread is alive
+  GET  /metrics                     Prometheus text
+  GET  /v1/models                   the base and every adapter (``parent`` = the base)
+  POST /v1/completions              prompt (text or token ids), stream, n, usage...
+  POST /v1/chat/completions         messages through the chat template, stream, n, usage...
+  POST /v1/load_lora_adapter        {"lora_name", "lora_path"}: ICaRus gate + base fingerprint
+  POST /v1/unload_lora_adapter      {"lora_name"}: running requests finish, new ones get 404
+
+Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 malformed JSON,
+bad fields or prompt too long; 401 bad API key; 404 unknown model; 500 engine failure.
+``cache_salt`` (body) or the ``X-Cache-Salt`` header partitions the prefix cache per tenant.
+Non-standard extras, as in vLLM: ``return_token_ids`` (token ids in each choice),
+``top_k``, ``stop_token_ids``, ``ignore_eos``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import (CollectorRegistry, Counter, Histogram, generate_latest)
+from prometheus_client.core import GaugeMetricFamily
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from icarus_jax.async_engine import AsyncEngine
+from icarus_jax.chat_template import ChatTemplate
+from icarus_jax.engine import RequestOutput, RequestTooLargeError, UnknownAdapterError
+from icarus_jax.errors import IcarusError
+from icarus_jax.sampling import SamplingParams
+
+log = logging.getLogger("icarus_jax.server")
+MAX_N = 16
+
+
+# ----------------------------------------------------------------------------- protocol
+
+class _Req(BaseModel):
+  model_config = ConfigDict(extra="ignore")
+  model: str
+  max_tokens: int | None = Field(default=16, ge=1)
+  max_completion_tokens: int | None = Field(default=None, ge=1)
+  temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+  top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+  top_k: int = 0
+  seed: int | None = None
+  stop: str | list[str] | None = None
+  stop_token_ids: list[int] | None = None
+  ignore_eos: bool = False
+  n: int = Field(default=1, ge=1, le=MAX_N)
+  stream: bool = False
+  stream_options: dict | None = None
+  user: str | None = None
+  cache_salt: str | None = None
+  return_token_ids: bool = False
+
+
+class CompletionRequest(_Req):
+  prompt: str | list[int] | list[str] | list[list[int]]
+  echo: bool = False
+
+
+class ChatMessage(BaseModel):
+  model_config = ConfigDict(extra="ignore")
+  role: Literal["system", "user", "assistant", "tool"]
+  content: str | list[dict[str, Any]]
+
+
+class ChatRequest(_Req):
+  messages: list[ChatMessage] = Field(min_length=1)
+
+
+class LoadLoraRequest(BaseModel):
+  lora_name: str = Field(min_length=1)
+  lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraRequest(BaseModel):
+  lora_name: str = Field(min_length=1)
+
+
+class APIError(Exception):
+  def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+               param: str | None = None, code: str | None = None):
+    super().__init__(message)
+    self.status, self.message, self.type, self.param = status, message, type_, param
+    self.code = code
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error",
+                   param: str | None = None, code: str | None = None) -> JSONResponse:
+  return JSONResponse({"error": {"message": message, "type": type_, "param": param,
+                                 "code": code or str(status)}}, status_code=status)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class ServerMetrics:
+  """Prometheus metrics: counters/histograms fed on finish, gauges read from the snapshot."""
+
+  LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+  def __init__(self, aengine: AsyncEngine):
+    self.registry = CollectorRegistry()
+    r = self.registry
+    self.requests = Counter("icarus_requests", "Finished requests.", ["model", "finish_reason"],
+                            registry=r)
+    self.http_errors = Counter("icarus_http_errors", "Error responses.", ["status"], registry=r)
+    self.prompt_tokens = Counter("icarus_prompt_tokens", "Prompt tokens.", ["model"], registry=r)
+    self.cached_tokens = Counter("icarus_cached_prompt_tokens",
+                                 "Prompt tokens served from the prefix cache.", ["model"],
+                                 registry=r)
+    self.gen_tokens = Counter("icarus_generation_tokens", "Generated tokens.", ["model"],
+                              registry=r)
+    self.e2e = Histogram("icarus_e2e_request_latency_seconds", "Arrival to last token.",
+                         ["model"], buckets=self.LAT_BUCKETS, registry=r)
+    self.ttft = Histogram("icarus_time_to_first_token_seconds", "Arrival to first token.",
+                          ["model"], buckets=self.LAT_BUCKETS, registry=r)
+    self.tpot = Histogram("icarus_time_per_output_token_seconds", "Mean gap between tokens.",
+                          ["model"], buckets=self.LAT_BUCKETS, registry=r)
+    self.aengine = aengine
+    r.register(self)  # custom collector for the engine gauges
+    aengine.on_finish(self.observe)
+
+  def observe(self, out: RequestOutput) -> None:
+    model = out.adapter or "__base__"
+    self.requests.labels(model, out.finish_reason or "unknown").inc()
+    self.prompt_tokens.labels(model).inc(len(out.prompt_tokens))
+    self.cached_tokens.labels(model).inc(out.num_cached_tokens)
+    self.gen_tokens.labels(model).inc(len(out.output_tokens))
+    if out.finish_time is not None:
+      self.e2e.labels(model).observe(out.finish_time - out.arrival_time)
+    if out.first_token_time is not None:
+      self.ttft.labels(model).observe(out.first_token_time - out.arrival_time)
+    if len(out.token_times) > 1:
+      self.tpot.labels(model).observe((out.token_times[-1] - out.token_times[0])
+                                      / (len(out.token_times) - 1))
+
+  def collect(self):
+    s = self.aengine.snapshot()
+    def gauge(name, doc, value):
+      g = GaugeMetricFamily(name, doc)
+      g.add_metric([], value)
+      return g
+    yield gauge("icarus_kv_pages_used", "KV pages allocated (incl. idle cached).", s["pages_used"])
+    yield gauge("icarus_kv_pages_free", "KV pages free.", s["pages_free"])
+    yield gauge("icarus_kv_pages_total", "KV pages in the pool.", s["pages_capacity"])
+    yield gauge("icarus_kv_pages_cached_idle", "Cached pages no request holds (evictable).",
+                s["pages_cached_idle"])
+    yield gauge("icarus_requests_running", "Requests running.", s["running"])
+    yield gauge("icarus_requests_waiting", "Requests waiting.", s["waiting"])
+    yield gauge("icarus_preemptions", "Preemptions so far.", s["preemptions"])
+    yield gauge("icarus_engine_steps", "Engine steps so far.", s["steps"])
+    yield gauge("icarus_engine_step_errors", "Engine steps that raised.", s["step_errors"])
+    hit = GaugeMetricFamily("icarus_prefix_cache_hit_rate",
+                            "Cached / prompt tokens per model since start.", labels=["model"])
+    for name, d in sorted(s["per_adapter"].items(), key=lambda kv: str(kv[0])):
+      hit.add_metric([name or "__base__"], d["cached_tokens"] / max(1, d["prompt_tokens"]))
+    hit.add_metric(["__all__"], s["cached_prompt_tokens"] / max(1, s["prompt_tokens"]))
+    yield hit
+
+
+# ----------------------------------------------------------------------------- the app
+
+class _Gen:
+  """One choice of a request in flight."""
+
+  def __init__(self, index: int, rid: int, queue: asyncio.Queue):
+    self.index, self.rid, self.queue = index, rid, queue
+    self.tokens: list[int] = []
+    self.text = ""
+    self.finish_reason: str | None = None
+    self.out: RequestOutput | None = None
+
+
+def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
+               chat_template: ChatTemplate | None = None, api_key: str | None = None,
+               adapter_loader=None) -> FastAPI:
+  """The FastAPI app over a started :class:`AsyncEngine`.
+
+  ``adapter_loader(path, name) -> Adapter`` reads adapters for ``/v1/load_lora_adapter``
+  (default: :func:`icarus_jax.peft_io.load_adapter`).
+  """
+  engine = aengine.engine
+  chat_template = chat_template or ChatTemplate(tokenizer)
+  metrics = ServerMetrics(aengine)
+  created = int(time.time())
+  app = FastAPI(title="icarus-jax", version="0.1.0")
+  app.state.aengine = aengine
+  app.state.metrics = metrics
+  if adapter_loader is None:
+    from icarus_jax.peft_io import load_adapter
+    kind = "icarus_lora" if engine.mode == "icarus" else "lora"
+    adapter_loader = lambda path, name: load_adapter(path, kind=kind, name=name)  # noqa: E731
+
+  def _err(status, message, type_="invalid_request_error", param=None):
+    metrics.http_errors.labels(str(status)).inc()
+    return error_response(status, message, type_, param)
+
+  @app.exception_handler(APIError)
+  async def _api_error(_, e: APIError):
+    return _err(e.status, e.message, e.type, e.param)
+
+  @app.exception_handler(RequestValidationError)
+  async def _validation_error(_, e: RequestValidationError):
+    errs = e.errors()
+    first = errs[0] if errs else {}
+    loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    if first.get("type") == "json_invalid":
+      return _err(400, f"malformed JSON body: {first.get('msg', '')}")
+    msgs = "; ".join(f"{'.'.join(str(x) for x in er.get('loc', ()) if x != 'body')}: "
+                     f"{er.get('msg')}" for er in errs[:5])
+    return _err(400, f"invalid request: {msgs}", param=loc or None)
+
+  @app.exception_handler(StarletteHTTPException)
+  async def _http_error(_, e: StarletteHTTPException):
+    return _err(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500
+                else "server_error")
+
+  @app.middleware("http")
+  async def _auth(request: Request, call_next):
+    if api_key and request.url.path.startswith("/v1"):
+      got = request.headers.get("authorization", "")
+      if not secrets.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+        return _err(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                    "authentication_error")
+    return await call_next(request)
+
+  # -------------------------------------------------------------- helpers
+  def resolve_model(name: str) -> str | None:
+    if name == base_name:
+      return None
+    if name in engine.adapter_names:  # list copy is atomic enough; submit re-checks
+      return name
+    raise APIError(404, f"The model `{name}` does not exist. Available: "
+                        f"{[base_name] + list(engine.adapter_names)}", "NotFoundError", "model")
+
+  def sampling_for(req: _Req, index: int) -> tuple[SamplingParams, list[str]]:
+    max_tokens = req.max_completion_tokens or req.max_tokens or 16
+    stop_ids = list(req.stop_token_ids or [])
+    eos = getattr(tokenizer, "eos_id", None)
+    if not req.ignore_eos and eos is not None:
+      stop_ids.append(eos)
+    seed = (req.seed if req.seed is not None else secrets.randbits(31)) + index
+    try:
+      sp = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                          seed=seed, max_tokens=max_tokens, stop_token_ids=tuple(stop_ids))
+    except IcarusError as e:
+      raise APIError(400, str(e)) from None
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if any(not s for s in stops):
+      raise APIError(400, "stop strings must be non-empty", param="stop")
+    return sp, stops
+
+  async def start(req: _Req, prompt_ids: list[int], adapter: str | None,
+                  request: Request) -> list[_Gen]:
+    tenant = req.cache_salt or request.headers.get("x-cache-salt")
+    gens: list[_Gen] = []
+    try:
+      for i in range(req.n):
+        sp, _ = sampling_for(req, i)
+        rid, q = await aengine.submit(prompt_ids, adapter, sp, tenant=tenant)
+        gens.append(_Gen(i, rid, q))
+    except UnknownAdapterError as e:
+      for g in gens:
+        aengine.abort(g.rid)
+      raise APIError(404, str(e), "NotFoundError", "model") from None
+    except RequestTooLargeError as e:
+      for g in gens:
+        aengine.abort(g.rid)
+      raise APIError(400, str(e), param="prompt", code="context_length_exceeded") from None
+    except IcarusError as e:
+      for g in gens:
+        aengine.abort(g.rid)
+      raise APIError(400, str(e)) from None
+    return gens
+
+  def apply_event(g: _Gen, ev, stops: list[str]) -> tuple[str, bool]:
+    """Folds one engine event into ``g``; returns (new text, finished)."""
+    kind, val = ev
+    if kind == "done":
+      g.out = val
+      if g.finish_reason is None:
+        g.finish_reason = {"abort": "stop"}.get(val.finish_reason, val.finish_reason)
+        if val.finish_reason == "error":
+          raise APIError(500, val.error or "engine failure", "server_error")
+      return "", True
+    if g.finish_reason is not None:
+      return "", False  # tokens after a stop string: dropped
+    g.tokens.append(val)
+    full = tokenizer.decode(g.tokens)
+    for s in stops:
+      idx = full.find(s)
+      if idx >= 0:
+        new = full[len(g.text):idx] if idx > len(g.text) else ""
+        g.text = full[:idx]
+        g.finish_reason = "stop"
+        aengine.abort(g.rid)
+        return new, False
+    # Hold back a tail that may still become a stop string or is an incomplete UTF-8 char.
+    hold = max((len(s) - 1 for s in stops), default=0)
+    safe = full[:len(full) - hold] if hold else full
+    if safe.endswith("\ufffd"):
+      safe = safe.rstrip("\ufffd")
+    if len(safe) > len(g.text):
+      new, g.text = safe[len(g.text):], safe
+      return new, False
+    return "", False
+
+  async def next_event(g: _Gen, request: Request):
+    while True:
+      try:
+        return await asyncio.wait_for(g.queue.get(), timeout=1.0)
+      except asyncio.TimeoutError:
+        if await request.is_disconnected():
+          raise asyncio.CancelledError("client disconnected") from None
+
+  def flush_text(g: _Gen) -> str:
+    """Text held back for stop-string matching, released at the end."""
+    if g.finish_reason == "stop" and g.out is not None and g.out.finish_reason == "abort":
+      return ""  # stopped by a stop string: g.text is final
+    full = tokenizer.decode(g.tokens)
+    new = full[len(g.text):]
+    g.text = full
+    return new
+
+  def usage(gens: list[_Gen], prompt_len: int) -> dict:
+    comp = sum(len(g.tokens) for g in gens)
+    cached = gens[0].out.num_cached_tokens if gens and gens[0].out else 0
+    return {"prompt_tokens": prompt_len, "completion_tokens": comp,
+            "total_tokens": prompt_len + comp,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+  async def run_request(req: _Req, prompt_ids: list[int], request: Request, *, chat: bool,
+                        echo_text: str = ""):
+    adapter = resolve_model(req.model)
+    _, stops = sampling_for(req, 0)
+    gens = await start(req, prompt_ids, adapter, request)
+    rid_str = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    obj = "chat.completion" if chat else "text_completion"
+    now = int(time.time())
+
+    def abort_all():
+      for g in gens:
+        if g.out is None:
+          aengine.abort(g.rid)
+
+    if not req.stream:
+      try:
+        for g in gens:
+          done = False
+          while not done:
+            _, done = apply_event(g, await next_event(g, request), stops)
+          flush_text(g)
+      except BaseException:
+        abort_all()
+        raise
+      choices = []
+      for g in gens:
+        c: dict[str, Any] = {"index": g.index, "finish_reason": g.finish_reason}
+        if chat:
+          c["message"] = {"role": "assistant", "content": g.text}
+        else:
+          c["text"] = echo_text + g.text
+          c["logprobs"] = None
+        if req.return_token_ids:
+          c["token_ids"] = g.tokens
+        choices.append(c)
+      return JSONResponse({"id": rid_str, "object": obj, "created": now, "model": req.model,
+                           "choices": choices, "usage": usage(gens, len(prompt_ids))})
+
+    include_usage = bool((req.stream_options or {}).get("include_usage"))
+    chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(g: _Gen, text: str, finish: str | None, first: bool = False, token_ids=None):
+      if chat:
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else (
+            {"content": text} if text else {})
+        c: dict[str, Any] = {"index": g.index, "delta": delta, "finish_reason": finish}
+      else:
+        c = {"index": g.index, "text": text, "logprobs": None, "finish_reason": finish}
+      if req.return_token_ids and token_ids is not None:
+        c["token_ids"] = token_ids
+      body = {"id": rid_str, "object": chunk_obj, "created": now, "model": req.model,
+              "choices": [c]}
+      if include_usage:
+        body["usage"] = None
+      return f"data: {json.dumps(body)}\n\n"
+
+    async def events():
+      pending: dict = {}
+      try:
+        if chat:
+          for g in gens:
+            yield chunk(g, "", None, first=True)
+        pending = {asyncio.ensure_future(g.queue.get()): g for g in gens}
+        while pending:
+          done, _ = await asyncio.wait(pending, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+          if not done:
+            if await request.is_disconnected():
+              raise asyncio.CancelledError("client disconnected")
+            continue
+          for fut in done:
+            g = pending.pop(fut)
+            ev = fut.result()
+            n_before = len(g.tokens)
+            text, finished = apply_event(g, ev, stops)
+            if finished:
+              text += flush_text(g)
+              yield chunk(g, text, g.finish_reason, token_ids=[])
+              continue
+            new_ids = g.tokens[n_before:]
+            if text or (req.return_token_ids and new_ids):
+              yield chunk(g, text, None, token_ids=new_ids)
+            pending[asyncio.ensure_future(g.queue.get())] = g
+        if include_usage:
+          body = {"id": rid_str, "object": chunk_obj, "created": now, "model": req.model,
+                  "choices": [], "usage": usage(gens, len(prompt_ids))}
+          yield f"data: {json.dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+      except APIError as e:
+        err = {"error": {"message": e.message, "type": e.type, "param": e.param,
+                         "code": str(e.status)}}
+        yield f"data: {json.dumps(err)}\n\n"
+      finally:
+        for fut in pending:
+          fut.cancel()
+        abort_all()  # client went away (or the stream ended early): free the pages
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+  # -------------------------------------------------------------- routes
+  @app.get("/health")
+  async def health():
+    if not aengine.alive:
+      return _err(503, "engine thread is not running", "server_error")
+    return {"status": "ok"}
+
+  @app.get("/metrics")
+  async def prom():
+    return PlainTextResponse(generate_latest(metrics.registry).decode(),
+                             media_type="text/plain; version=0.0.4")
+
+  @app.get("/v1/models")
+  async def models():
+    root = f"{engine.cfg.name}@{engine.fingerprint}"
+    data = [{"id": base_name, "object": "model", "created": created, "owned_by": "icarus-jax",
+             "root": root, "parent": None, "max_model_len": engine.max_seq_len}]
+    for name in engine.adapter_names:
+      data.append({"id": name, "object": "model", "created": created, "owned_by": "icarus-jax",
+                   "root": root, "parent": base_name, "max_model_len": engine.max_seq_len})
+    return {"object": "list", "data": data}
+
+  @app.post("/v1/completions")
+  async def completions(req: CompletionRequest, request: Request):
+    p = req.prompt
+    if isinstance(p, list) and p and isinstance(p[0], (list, str)):
+      if len(p) != 1:
+        raise APIError(400, "batched prompts are not supported; send one prompt per request",
+                       param="prompt")
+      p = p[0]
+    if isinstance(p, str):
+      if not p:
+        raise APIError(400, "prompt is empty", param="prompt")
+      ids, echo = tokenizer.encode(p), (p if req.echo else "")
+    else:
+      ids, echo = list(p), (tokenizer.decode(p) if req.echo else "")
+    return await run_request(req, ids, request, chat=False, echo_text=echo)
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(req: ChatRequest, request: Request):
+    try:
+      ids = chat_template.encode([m.model_dump() for m in req.messages])
+    except IcarusError as e:
+      raise APIError(400, str(e), param="messages") from None
+    return await run_request(req, ids, request, chat=True)
+
+  @app.post("/v1/load_lora_adapter")
+  async def load_lora(req: LoadLoraRequest):
+    if req.lora_name == base_name or req.lora_name in engine.adapter_names:
+      raise APIError(400, f"model {req.lora_name!r} is already loaded", param="lora_name")
+    try:
+      adapter = await asyncio.to_thread(adapter_loader, req.lora_path, req.lora_name)
+      await aengine.acall(lambda e: e.add_adapter(adapter, req.lora_name))
+    except (IcarusError, OSError) as e:
+      raise APIError(400, f"cannot load adapter {req.lora_name!r} from {req.lora_path}: {e}",
+                     param="lora_path") from None
+    return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+  @app.post("/v1/unload_lora_adapter")
+  async def unload_lora(req: UnloadLoraRequest):
+    try:
+      await aengine.acall(lambda e: e.remove_adapter(req.lora_name))
+    except UnknownAdapterError:
+      raise APIError(404, f"The model `{req.lora_name}` does not exist.", "NotFoundError",
+                     "lora_name") from None
+    return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
+
+  return app

@@ -1,0 +1,375 @@
+"""OpenAI-compatible server: a real uvicorn server on 127.0.0.1, spoken to over HTTP.
+
+Outputs are compared token for token with the engine called directly (greedy), reuse is read
+from ``usage.prompt_tokens_details.cached_tokens``, and page accounting from the server's own
+engine after disconnects and unloads.
+"""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import jax
+import numpy as np
+import pytest
+import uvicorn
+
+from icarus_jax import init_adapter, init_base_params, save_adapter, tiny_config
+from icarus_jax.async_engine import AsyncEngine
+from icarus_jax.chat_template import ChatTemplate
+from icarus_jax.engine import Engine
+from icarus_jax.sampling import SamplingParams
+from icarus_jax.server import create_app
+from icarus_jax.tokenizer import ByteTokenizer
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PS = 8
+ENGINE_KW = dict(page_size=PS, max_batch=32, prefill_chunk=32, num_pages=400, max_adapters=10)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def models(tiny):
+  cfg, params = tiny
+  ads = [init_adapter(cfg, jax.random.key(70 + i), name=f"agent{i}", base_params=params, rank=4,
+                      b_std=0.05) for i in range(8)]
+  return cfg, params, ads
+
+
+@pytest.fixture(scope="module")
+def server(models):
+  cfg, params, ads = models
+  tok = ByteTokenizer()
+  eng = Engine(cfg, params, tokenizer=tok, **ENGINE_KW)
+  for a in ads:
+    eng.add_adapter(a)
+  aeng = AsyncEngine(eng).start()
+  app = create_app(aeng, tok, base_name="tiny-base", api_key=KEY)
+  port = free_port()
+  srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+  th = threading.Thread(target=srv.run, daemon=True)
+  th.start()
+  for _ in range(200):
+    if srv.started:
+      break
+    time.sleep(0.05)
+  assert srv.started
+  yield dict(url=f"http://127.0.0.1:{port}", engine=eng, aengine=aeng, tok=tok)
+  srv.should_exit = True
+  th.join(10)
+  aeng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def direct(models):
+  """The engine called directly (a separate instance with the same adapters)."""
+  cfg, params, ads = models
+  eng = Engine(cfg, params, tokenizer=ByteTokenizer(), **ENGINE_KW)
+  for a in ads:
+    eng.add_adapter(a)
+
+  def run(prompts, adapters, max_tokens):
+    sp = SamplingParams(max_tokens=max_tokens, stop_token_ids=(ByteTokenizer().eos_id,))
+    return [o.output_tokens for o in eng.generate(prompts, adapters, sp)]
+  return run
+
+
+def post(server, path, body, headers=AUTH, timeout=120):
+  return httpx.post(server["url"] + path, json=body, headers=headers, timeout=timeout)
+
+
+def sse_events(resp):
+  out = []
+  for line in resp.iter_lines():
+    if line.startswith("data: "):
+      data = line[len("data: "):]
+      out.append(data if data == "[DONE]" else json.loads(data))
+  return out
+
+
+def no_live_pages(eng) -> bool:
+  """Every allocated page is idle cache (evictable); no request holds one."""
+  return (not eng.running and not eng.waiting
+          and eng.pages_used() == eng.cache.num_unreferenced())
+
+
+def wait_for(cond, timeout=30.0):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if cond():
+      return True
+    time.sleep(0.05)
+  return False
+
+
+def test_models_health_and_metrics(server):
+  r = httpx.get(server["url"] + "/v1/models", headers=AUTH)
+  assert r.status_code == 200
+  data = r.json()["data"]
+  assert [m["id"] for m in data] == ["tiny-base"] + [f"agent{i}" for i in range(8)]
+  assert data[0]["parent"] is None and all(m["parent"] == "tiny-base" for m in data[1:])
+  assert httpx.get(server["url"] + "/health").json() == {"status": "ok"}
+  m = httpx.get(server["url"] + "/metrics").text
+  for name in ("icarus_kv_pages_used", "icarus_kv_pages_free", "icarus_preemptions",
+               "icarus_requests_running", "icarus_prefix_cache_hit_rate"):
+    assert name in m
+
+
+def test_completion_and_streamed_chat_equal_direct_engine(server, direct):
+  tok = server["tok"]
+  rng = np.random.RandomState(0)
+  names = ["tiny-base"] + [f"agent{i}" for i in range(8)]
+  prompts = ["".join(chr(97 + c) for c in rng.randint(0, 26, 5 + 3 * i)) for i in range(9)]
+  want = direct([tok.encode(p) for p in prompts], [None] + names[1:], 8)
+  chat_ids = ChatTemplate(tok).encode([{"role": "user", "content": "hello there"}])
+  want_chat = direct([chat_ids] * 9, [None] + names[1:], 6)
+  assert len({tuple(w) for w in want_chat}) > 1  # adapters really differ
+  for name, p, w, wc in zip(names, prompts, want, want_chat):
+    r = post(server, "/v1/completions", dict(model=name, prompt=p, max_tokens=8, temperature=0,
+                                             return_token_ids=True))
+    assert r.status_code == 200, r.text
+    c = r.json()["choices"][0]
+    assert c["token_ids"] == w, name
+    assert c["text"] == tok.decode(w)
+    assert r.json()["usage"]["completion_tokens"] == len(w)
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", headers=AUTH, timeout=60,
+                      json=dict(model=name, messages=[{"role": "user", "content": "hello there"}],
+                                max_tokens=6, temperature=0, stream=True,
+                                return_token_ids=True,
+                                stream_options={"include_usage": True})) as resp:
+      assert resp.status_code == 200
+      assert resp.headers["content-type"].startswith("text/event-stream")
+      ev = sse_events(resp)
+    assert ev[-1] == "[DONE]"
+    ids = [t for e in ev[:-1] for ch in e["choices"] for t in ch.get("token_ids", [])]
+    text = "".join(ch["delta"].get("content", "") for e in ev[:-1] for ch in e["choices"])
+    assert ids == wc, name
+    assert text == tok.decode(wc)
+    assert ev[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert ev[-2]["usage"]["completion_tokens"] == len(wc)
+
+
+def test_cross_adapter_reuse_shows_in_usage(server):
+  context = "shared context for every agent: " + "x" * 40
+  r1 = post(server, "/v1/completions", dict(model="agent1", prompt=context, max_tokens=2,
+                                            temperature=0))
+  r2 = post(server, "/v1/completions", dict(model="agent5", prompt=context + " next?",
+                                            max_tokens=2, temperature=0))
+  assert r1.status_code == r2.status_code == 200
+  cached = r2.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+  assert cached == (len(context) // PS) * PS  # every full page of agent1's prompt is reused
+  # Another tenant (cache salt) shares nothing; the same tenant again does.
+  r3 = post(server, "/v1/completions", dict(model="agent5", prompt=context, max_tokens=2,
+                                            cache_salt="tenant-b"))
+  assert r3.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+  r4 = post(server, "/v1/completions", dict(model="agent2", prompt=context, max_tokens=2),
+            headers={**AUTH, "X-Cache-Salt": "tenant-b"})
+  assert r4.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+
+
+@pytest.mark.parametrize("body,raw,status,match", [
+    (dict(model="nope", prompt="hi"), None, 404, "does not exist"),
+    (None, b'{"model": "agent0", "prompt": ', 400, "malformed JSON"),
+    (dict(model="agent0"), None, 400, "prompt: Field required"),
+    (dict(model="agent0", prompt="hi", max_tokens="many"), None, 400, "max_tokens"),
+    (dict(model="agent0", prompt="hi", temperature=-1), None, 400, "temperature"),
+    (dict(model="agent0", prompt="x" * 600), None, 400, "context"),
+    (dict(model="agent0", prompt=[1, 2, 99999]), None, 400, "token ids must be in"),
+])
+def test_errors_in_openai_format(server, body, raw, status, match):
+  url = server["url"] + "/v1/completions"
+  if raw is not None:
+    r = httpx.post(url, content=raw, headers={**AUTH, "content-type": "application/json"})
+  else:
+    r = httpx.post(url, json=body, headers=AUTH)
+  assert r.status_code == status, r.text
+  err = r.json()["error"]
+  assert set(err) >= {"message", "type", "param", "code"}
+  assert match in err["message"]
+  # The server stays up and serves others.
+  ok = post(server, "/v1/completions", dict(model="agent0", prompt="still up?", max_tokens=2))
+  assert ok.status_code == 200
+
+
+def test_api_key_required(server):
+  for headers in ({}, {"Authorization": "Bearer wrong"}):
+    r = httpx.post(server["url"] + "/v1/completions", headers=headers,
+                   json=dict(model="agent0", prompt="hi"))
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "authentication_error"
+  assert httpx.get(server["url"] + "/health").status_code == 200
+
+
+def test_chat_validation_and_stop_and_n(server):
+  r = post(server, "/v1/chat/completions", dict(model="agent0", messages=[]))
+  assert r.status_code == 400
+  r = post(server, "/v1/chat/completions",
+           dict(model="agent0", messages=[{"role": "wizard", "content": "x"}]))
+  assert r.status_code == 400
+  free = post(server, "/v1/completions", dict(model="agent3", prompt="abc", max_tokens=12,
+                                              temperature=0, ignore_eos=True)).json()
+  text = free["choices"][0]["text"]
+  assert len(text) >= 4
+  stop = text[2:4]
+  r = post(server, "/v1/completions", dict(model="agent3", prompt="abc", max_tokens=12,
+                                           temperature=0, ignore_eos=True, stop=[stop])).json()
+  assert r["choices"][0]["text"] == text[:text.find(stop)]
+  assert r["choices"][0]["finish_reason"] == "stop"
+  r = post(server, "/v1/completions", dict(model="agent3", prompt="abc", max_tokens=8, n=3,
+                                           temperature=1.0, seed=5, return_token_ids=True))
+  choices = r.json()["choices"]
+  assert [c["index"] for c in choices] == [0, 1, 2]
+  assert len({tuple(c["token_ids"]) for c in choices}) > 1  # seeds seed, seed+1, seed+2
+
+
+def test_256_concurrent_requests_over_8_adapters(server, direct):
+  rng = np.random.RandomState(1)
+  tok = server["tok"]
+  prompts = ["".join(chr(97 + c) for c in rng.randint(0, 26, rng.randint(3, 30)))
+             for _ in range(256)]
+  adapters = [f"agent{i % 8}" for i in range(256)]
+  want = direct([tok.encode(p) for p in prompts], adapters, 6)
+
+  async def go():
+    limits = httpx.Limits(max_connections=256)
+    async with httpx.AsyncClient(base_url=server["url"], headers=AUTH, limits=limits,
+                                 timeout=300) as client:
+      async def one(i):
+        r = await client.post("/v1/completions", json=dict(
+            model=adapters[i], prompt=prompts[i], max_tokens=6, temperature=0,
+            return_token_ids=True, user=f"req{i}"))
+        return r
+      return await asyncio.gather(*(one(i) for i in range(256)))
+
+  t0 = time.time()
+  resps = asyncio.run(go())
+  elapsed = time.time() - t0
+  assert all(r.status_code == 200 for r in resps), [r.text for r in resps if r.status_code != 200]
+  bodies = [r.json() for r in resps]
+  assert len({b["id"] for b in bodies}) == 256  # none duplicated
+  for i, b in enumerate(bodies):
+    assert b["model"] == adapters[i]
+    assert b["choices"][0]["token_ids"] == want[i], i
+  assert wait_for(lambda: no_live_pages(server["engine"]))
+  print(f"256 requests in {elapsed:.1f}s")
+
+
+def test_disconnect_mid_stream_frees_pages(server):
+  eng = server["engine"]
+  with httpx.stream("POST", server["url"] + "/v1/completions", headers=AUTH, timeout=60,
+                    json=dict(model="agent2", prompt="tell me a long story", max_tokens=400,
+                              ignore_eos=True, stream=True)) as resp:
+    n = 0
+    for line in resp.iter_lines():
+      if line.startswith("data: "):
+        n += 1
+      if n >= 3:
+        break
+    assert wait_for(lambda: len(eng.running) == 1, 5)  # it is running and holds pages
+  # Client gone: the request is aborted and every page it held is released.
+  assert wait_for(lambda: no_live_pages(eng)), (len(eng.running), eng.pages_used())
+  m = httpx.get(server["url"] + "/metrics").text
+  assert 'icarus_requests_total{finish_reason="abort",model="agent2"}' in m
+
+
+def test_unload_while_running_then_reload(server, models, tmp_path):
+  cfg, params, ads = models
+  url = server["url"]
+
+  async def go():
+    async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120) as client:
+      running = [asyncio.create_task(client.post("/v1/completions", json=dict(
+          model="agent7", prompt=f"job {i}", max_tokens=30, ignore_eos=True,
+          temperature=0))) for i in range(4)]
+      assert await asyncio.to_thread(wait_for, lambda: len(server["engine"].running) >= 1, 10)
+      r = await client.post("/v1/unload_lora_adapter", json=dict(lora_name="agent7"))
+      assert r.status_code == 200, r.text
+      late = await client.post("/v1/completions", json=dict(model="agent7", prompt="late"))
+      return await asyncio.gather(*running), late
+
+  done, late = asyncio.run(go())
+  assert late.status_code == 404 and late.json()["error"]["param"] == "model"
+  for r in done:  # in flight when unloaded: they finish
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+    assert r.json()["usage"]["completion_tokens"] == 30
+  ids = [m["id"] for m in httpx.get(url + "/v1/models", headers=AUTH).json()["data"]]
+  assert "agent7" not in ids
+  assert post(server, "/v1/unload_lora_adapter", dict(lora_name="agent7")).status_code == 404
+  # Reload from disk (PEFT layout): gate and fingerprint are checked.
+  save_adapter(ads[7], tmp_path / "agent7")
+  r = post(server, "/v1/load_lora_adapter", dict(lora_name="agent7b",
+                                                 lora_path=str(tmp_path / "agent7")))
+  assert r.status_code == 200, r.text
+  r = post(server, "/v1/completions", dict(model="agent7b", prompt="back", max_tokens=3))
+  assert r.status_code == 200
+  other = init_base_params(tiny_config(), jax.random.key(99), scale=0.1)
+  foreign = init_adapter(cfg, jax.random.key(5), name="foreign", base_params=other, rank=4)
+  save_adapter(foreign, tmp_path / "foreign")
+  r = post(server, "/v1/load_lora_adapter", dict(lora_name="foreign",
+                                                 lora_path=str(tmp_path / "foreign")))
+  assert r.status_code == 400 and "trained on base" in r.json()["error"]["message"]
+  conv = init_adapter(cfg, jax.random.key(6), name="conv", kind="lora", base_params=params)
+  save_adapter(conv, tmp_path / "conv")
+  r = post(server, "/v1/load_lora_adapter", dict(lora_name="conv",
+                                                 lora_path=str(tmp_path / "conv")))
+  assert r.status_code == 400
+  r = post(server, "/v1/load_lora_adapter", dict(lora_name="x", lora_path="/does/not/exist"))
+  assert r.status_code == 400
+
+
+def test_openai_python_client(server, direct):
+  openai = pytest.importorskip("openai")
+  client = openai.OpenAI(base_url=server["url"] + "/v1", api_key=KEY)
+  assert "agent4" in [m.id for m in client.models.list()]
+  c = client.completions.create(model="agent4", prompt="hello", max_tokens=5, temperature=0)
+  want = direct([server["tok"].encode("hello")], ["agent4"], 5)[0]
+  assert c.choices[0].text == server["tok"].decode(want)
+  chunks = list(client.chat.completions.create(
+      model="agent4", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True))
+  assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+  with pytest.raises(openai.NotFoundError):
+    client.completions.create(model="missing", prompt="x")
+
+
+@pytest.mark.slow
+def test_launch_serve_subprocess(tmp_path):
+  """The absl entry point on the embedded default base and shipped adapters."""
+  port = free_port()
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "ICARUS_API_KEY": "k"}
+  root = Path(__file__).resolve().parents[1]
+  proc = subprocess.Popen([sys.executable, "-m", "launch.serve", f"--port={port}",
+                           "--max_batch=4", "--kv_pages=64", "--log_level=warning"], cwd=root,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  try:
+    url = f"http://127.0.0.1:{port}"
+    assert wait_for(lambda: _health(url), 120), proc.stdout.read() if proc.poll() else "timeout"
+    h = {"Authorization": "Bearer k"}
+    ids = [m["id"] for m in httpx.get(url + "/v1/models", headers=h).json()["data"]]
+    assert ids[0] == "base" and "sorting-icarus_lora" in ids
+    r = httpx.post(url + "/v1/completions", headers=h, timeout=120,
+                   json=dict(model="sorting-icarus_lora", prompt="3 1 2", max_tokens=3))
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 5
+  finally:
+    proc.terminate()
+    proc.wait(30)
+
+
+def _health(url):
+  try:
+    return httpx.get(url + "/health", timeout=1).status_code == 200
+  except httpx.HTTPError:
+    return False
