@@ -347,12 +347,15 @@ def test_openai_python_client(server, direct):
 
 @pytest.mark.slow
 def test_launch_serve_subprocess(tmp_path):
-  """The absl entry point on the embedded default base and shipped adapters."""
+  """The absl entry point on the embedded default base and shipped adapters, sharded over a
+  2x2 mesh of forced CPU devices (``--mesh`` goes through ``sharding.shard_engine``)."""
   port = free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "ICARUS_API_KEY": "k"}
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "ICARUS_API_KEY": "k",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   root = Path(__file__).resolve().parents[1]
   proc = subprocess.Popen([sys.executable, "-m", "launch.serve", f"--port={port}",
-                           "--max_batch=4", "--kv_pages=64", "--log_level=warning"], cwd=root,
+                           "--max_batch=4", "--kv_pages=64", "--log_level=warning",
+                           "--mesh=data:2,model:2"], cwd=root,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     url = f"http://127.0.0.1:{port}"
@@ -363,6 +366,8 @@ def test_launch_serve_subprocess(tmp_path):
     r = httpx.post(url + "/v1/completions", headers=h, timeout=120,
                    json=dict(model="sorting-icarus_lora", prompt="3 1 2", max_tokens=3))
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 5
+    m = httpx.get(url + "/metrics").text
+    assert "icarus_requests_total" in m
   finally:
     proc.terminate()
     proc.wait(30)
