@@ -109,8 +109,8 @@ def main(_):
   logging.basicConfig(level=logging.INFO)
   aengine, api = build()
   names = [FLAGS.base_name] + aengine.engine.adapter_names
-  print(f"serving {names} on http://{FLAGS.host}:{FLAGS.port} (mode={FLAGS.mode}, mesh={FLAGS.mesh}, "
-        f"{FLAGS.kv_pages} pages of {FLAGS.page_size} tokens)", flush=True)
+  print(f"serving {names} on http://{FLAGS.host}:{FLAGS.port} (mode={FLAGS.mode}, "
+        f"mesh={FLAGS.mesh}, {FLAGS.kv_pages} pages of {FLAGS.page_size} tokens)", flush=True)
   try:
     uvicorn.run(api, host=FLAGS.host, port=FLAGS.port, log_level=FLAGS.log_level)
   finally:
