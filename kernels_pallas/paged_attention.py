@@ -139,8 +139,24 @@ def _init_carry(R, hd):
           jnp.zeros((R, 1), jnp.float32))
 
 
-def _store(carry, o_ref, m_ref, l_ref):
-  o, m, l = carry
+def _page_loop(load_chunk, c_lo, c_hi, lo_tok, hi_tok, q_ref, pos_ref, o_ref, m_ref, l_ref, *,
+               page_size, pages_per_chunk, sliding_window, scale):
+  """The in-kernel loop both lowerings share: chunks ``[c_lo, c_hi)``, online softmax, store.
+
+  ``load_chunk(c) -> (k, v)`` each ``[pages_per_chunk * page_size, hd]`` is the only part that
+  differs (vector gather on GPU, double-buffered DMA on TPU).
+  """
+  q = q_ref[...]
+  row_pos = pos_ref[...]
+
+  def body(c, carry):
+    k, v = load_chunk(c)
+    k_pos, key_ok = _chunk_positions(c, lo_tok, hi_tok, page_size=page_size,
+                                     pages_per_chunk=pages_per_chunk)
+    return _online_softmax_step(carry, q, k, v, row_pos, k_pos, key_ok,
+                                sliding_window=sliding_window, scale=scale)
+
+  o, m, l = lax.fori_loop(c_lo, jnp.maximum(c_lo, c_hi), body, _init_carry(*q.shape))
   o_ref[...] = o
   m_ref[...] = m
   l_ref[...] = l
@@ -160,22 +176,16 @@ def _gpu_kernel(bounds_ref, pos_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, m_ref, 
   lo_tok, hi_tok = bounds_ref[0], bounds_ref[1]
   c_lo, c_hi = _chunk_range(lo_tok, hi_tok, split, page_size=page_size,
                             pages_per_chunk=pages_per_chunk, chunks_per_split=chunks_per_split)
-  q = q_ref[...]
-  row_pos = pos_ref[...]
-  hd = q.shape[-1]
+  hd = q_ref.shape[-1]
   C = page_size * pages_per_chunk
 
-  def body(c, carry):
+  def load_chunk(c):
     pidx = pt_ref[pl.ds(c * pages_per_chunk, pages_per_chunk)]
-    k = k_ref[pidx].reshape(C, hd)
-    v = v_ref[pidx].reshape(C, hd)
-    k_pos, key_ok = _chunk_positions(c, lo_tok, hi_tok, page_size=page_size,
-                                     pages_per_chunk=pages_per_chunk)
-    return _online_softmax_step(carry, q, k, v, row_pos, k_pos, key_ok,
-                                sliding_window=sliding_window, scale=scale)
+    return k_ref[pidx].reshape(C, hd), v_ref[pidx].reshape(C, hd)
 
-  carry = lax.fori_loop(c_lo, jnp.maximum(c_lo, c_hi), body, _init_carry(q.shape[0], hd))
-  _store(carry, o_ref, m_ref, l_ref)
+  _page_loop(load_chunk, c_lo, c_hi, lo_tok, hi_tok, q_ref, pos_ref, o_ref, m_ref, l_ref,
+             page_size=page_size, pages_per_chunk=pages_per_chunk,
+             sliding_window=sliding_window, scale=scale)
 
 
 def _call_gpu(q_f, pos_f, bounds, pt, pages, *, num_splits, chunks_per_split, pages_per_chunk,
@@ -213,8 +223,7 @@ def _call_gpu(q_f, pos_f, bounds, pt, pages, *, num_splits, chunks_per_split, pa
 
 def _tpu_kernel(pt_sref, bounds_sref, pos_ref, q_ref, pages_hbm, o_ref, m_ref, l_ref,
                 k_buf, v_buf, sem, *, num_kv_heads, num_qblocks, pt_row_len, page_size,
-                pages_per_chunk,
-                chunks_per_split, sliding_window, scale):
+                pages_per_chunk, chunks_per_split, sliding_window, scale):
   """One (row, kv head, query block, split) with scalar-prefetched page table and DMA'd pages.
 
   pt_sref ``[B * N_pad]`` and bounds_sref ``[B * nqb * 2]`` in SMEM; pages_hbm the whole pool
@@ -227,9 +236,7 @@ def _tpu_kernel(pt_sref, bounds_sref, pos_ref, q_ref, pages_hbm, o_ref, m_ref, l
   c_lo, c_hi = _chunk_range(lo_tok, hi_tok, split, page_size=page_size,
                             pages_per_chunk=pages_per_chunk, chunks_per_split=chunks_per_split)
   pt_row = b * pt_row_len
-  q = q_ref[...]
-  row_pos = pos_ref[...]
-  hd = q.shape[-1]
+  hd = q_ref.shape[-1]
   C = page_size * pages_per_chunk
 
   def copies(c, slot):
@@ -247,25 +254,21 @@ def _tpu_kernel(pt_sref, bounds_sref, pos_ref, q_ref, pages_hbm, o_ref, m_ref, l
     for cp in copies(c_lo, 0):
       cp.start()
 
-  def body(c, carry):
+  def load_chunk(c):
     slot = (c - c_lo) % 2
 
     @pl.when(c + 1 < c_hi)
-    def _():
+    def _():  # prefetch the next chunk into the other buffer while this one is computed
       for cp in copies(c + 1, 1 - slot):
         cp.start()
 
     for cp in copies(c, slot):
       cp.wait()
-    k = k_buf[slot].reshape(C, hd)
-    v = v_buf[slot].reshape(C, hd)
-    k_pos, key_ok = _chunk_positions(c, lo_tok, hi_tok, page_size=page_size,
-                                     pages_per_chunk=pages_per_chunk)
-    return _online_softmax_step(carry, q, k, v, row_pos, k_pos, key_ok,
-                                sliding_window=sliding_window, scale=scale)
+    return k_buf[slot].reshape(C, hd), v_buf[slot].reshape(C, hd)
 
-  carry = lax.fori_loop(c_lo, jnp.maximum(c_lo, c_hi), body, _init_carry(q.shape[0], hd))
-  _store(carry, o_ref, m_ref, l_ref)
+  _page_loop(load_chunk, c_lo, c_hi, lo_tok, hi_tok, q_ref, pos_ref, o_ref, m_ref, l_ref,
+             page_size=page_size, pages_per_chunk=pages_per_chunk,
+             sliding_window=sliding_window, scale=scale)
 
 
 def _call_tpu(q_f, pos_f, bounds, pt, pages, *, num_splits, chunks_per_split, pages_per_chunk,
