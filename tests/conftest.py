@@ -35,3 +35,11 @@ def tiny_adapters(tiny):
 @pytest.fixture
 def rng():
   return np.random.RandomState(1234)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drop jit caches after each test module: the suite compiles hundreds of programs (Pallas
+  interpret-mode kernels among them) and one process should not hold them all at once."""
+  yield
+  jax.clear_caches()
