@@ -233,6 +233,9 @@ def test_chat_validation_and_stop_and_n(server):
   choices = r.json()["choices"]
   assert [c["index"] for c in choices] == [0, 1, 2]
   assert len({tuple(c["token_ids"]) for c in choices}) > 1  # seeds seed, seed+1, seed+2
+  again = post(server, "/v1/completions", dict(model="agent3", prompt="abc", max_tokens=8, n=3,
+                                               temperature=1.0, seed=5, return_token_ids=True))
+  assert [c["token_ids"] for c in again.json()["choices"]] == [c["token_ids"] for c in choices]
 
 
 def test_256_concurrent_requests_over_8_adapters(server, direct):
