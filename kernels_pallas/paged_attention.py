@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
 
 IMPLS = ("auto", "gpu", "tpu")
 MASK_VALUE = -1e30  # finite, so fully masked rows never produce inf - inf
@@ -214,6 +215,9 @@ def _call_gpu(q_f, pos_f, bounds, pt, pages, *, num_splits, chunks_per_split, pa
       out_shape=[jax.ShapeDtypeStruct((B, K, nqb, num_splits, R, hd), jnp.float32),
                  stat_shape, stat_shape],
       interpret=interpret,
+      # Triton, explicitly: the pool views stay in global memory and are gathered per chunk
+      # (Mosaic GPU would stage whole blocks in shared memory).
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
       name="icarus_paged_attention_gpu",
   )(bounds, pos_f, pt, q_f, pages, pages)
 

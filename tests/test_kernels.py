@@ -266,3 +266,31 @@ def test_gpu_lowering_block_shape_validation():
   q, pages, table, pos = _args()
   with pytest.raises(ValueError, match=r"pages_per_chunk \* page_size \(1 \* 8\)"):
     paged_attention(q, pages, table, pos, impl="gpu", interpret=False, pages_per_chunk=1)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("T,q_block,dtype,window,splits", [
+    (2, None, jnp.bfloat16, None, 1),    # fused decode step, Llama-8B head shapes
+    (8, None, jnp.bfloat16, None, 4),    # fan-out to 7 adapters + encoder row, split-K
+    (33, 16, jnp.float32, 4096, 1),      # prefill chunk with a decoder row, sliding window
+])
+def test_real_lowerings_trace_on_cpu(monkeypatch, platform, T, q_block, dtype, window, splits):
+  """Cross-lower for CUDA (Pallas -> Triton IR) and TPU (Pallas -> Mosaic MLIR) without the
+  hardware: every op of both kernels must be supported by the real lowering, not only by the
+  interpreter. (The final PTX / Mosaic compile still needs the device: benchmarks/gpu_check.sh.)
+  """
+  if platform == "tpu":  # Mosaic asks the device for its generation; pretend a v5e.
+    from jax._src.pallas.mosaic import tpu_info
+    monkeypatch.setattr(tpu_info, "get_device_kind", lambda: "TPU v5 lite")
+    monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
+  B, H, K, hd, P, ps, N = 4, 32, 8, 128, 64, 16, 8
+  args = (jax.ShapeDtypeStruct((B, T, H, hd), dtype),
+          jax.ShapeDtypeStruct((P, ps, 2 * K, hd), dtype),
+          jax.ShapeDtypeStruct((B, N), jnp.int32), jax.ShapeDtypeStruct((B, T), jnp.int32))
+  impl = "gpu" if platform == "cuda" else "tpu"
+
+  def f(q, pages, table, pos):
+    return paged_attention(q, pages, table, pos, impl=impl, interpret=False, q_block=q_block,
+                           pages_per_chunk=4, num_splits=splits, sliding_window=window)
+  text = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+  assert ("__gpu$xla.gpu.triton" in text) if platform == "cuda" else ("tpu_custom_call" in text)
