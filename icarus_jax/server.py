@@ -240,12 +240,12 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
 
   # -------------------------------------------------------------- helpers
   def resolve_model(name: str) -> str | None:
-    if name == base_name:
-      return None
-    if name in engine.adapter_names:  # list copy is atomic enough; submit re-checks
-      return name
-    raise APIError(404, f"The model `{name}` does not exist. Available: "
-                        f"{[base_name] + list(engine.adapter_names)}", "NotFoundError", "model")
+    """The base name -> None; any other name goes to the engine, which owns the adapter set
+    (checked on its thread at submit, so a just-loaded adapter is never refused)."""
+    return None if name == base_name else name
+
+  async def adapter_names() -> list[str]:
+    return await aengine.acall(lambda e: list(e.adapter_names))
 
   def sampling_for(req: _Req, index: int) -> tuple[SamplingParams, list[str]]:
     max_tokens = req.max_completion_tokens or req.max_tokens or 16
@@ -273,10 +273,12 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
         sp, _ = sampling_for(req, i)
         rid, q = await aengine.submit(prompt_ids, adapter, sp, tenant=tenant)
         gens.append(_Gen(i, rid, q))
-    except UnknownAdapterError as e:
+    except UnknownAdapterError:
       for g in gens:
         aengine.abort(g.rid)
-      raise APIError(404, str(e), "NotFoundError", "model") from None
+      raise APIError(404, f"The model `{req.model}` does not exist. Available: "
+                          f"{[base_name] + await adapter_names()}", "NotFoundError",
+                     "model") from None
     except RequestTooLargeError as e:
       for g in gens:
         aengine.abort(g.rid)
@@ -459,7 +461,7 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
     root = f"{engine.cfg.name}@{engine.fingerprint}"
     data = [{"id": base_name, "object": "model", "created": created, "owned_by": "icarus-jax",
              "root": root, "parent": None, "max_model_len": engine.max_seq_len}]
-    for name in engine.adapter_names:
+    for name in await adapter_names():
       data.append({"id": name, "object": "model", "created": created, "owned_by": "icarus-jax",
                    "root": root, "parent": base_name, "max_model_len": engine.max_seq_len})
     return {"object": "list", "data": data}
@@ -490,8 +492,8 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
 
   @app.post("/v1/load_lora_adapter")
   async def load_lora(req: LoadLoraRequest):
-    if req.lora_name == base_name or req.lora_name in engine.adapter_names:
-      raise APIError(400, f"model {req.lora_name!r} is already loaded", param="lora_name")
+    if req.lora_name == base_name:
+      raise APIError(400, f"{req.lora_name!r} is the base model's name", param="lora_name")
     try:
       adapter = await asyncio.to_thread(adapter_loader, req.lora_path, req.lora_name)
       await aengine.acall(lambda e: e.add_adapter(adapter, req.lora_name))

@@ -318,7 +318,10 @@ def test_unload_while_running_then_reload(server, models, tmp_path):
                                                  lora_path=str(tmp_path / "agent7")))
   assert r.status_code == 200, r.text
   r = post(server, "/v1/completions", dict(model="agent7b", prompt="back", max_tokens=3))
-  assert r.status_code == 200
+  assert r.status_code == 200  # usable right after the load returns
+  r = post(server, "/v1/load_lora_adapter", dict(lora_name="agent7b",
+                                                 lora_path=str(tmp_path / "agent7")))
+  assert r.status_code == 400 and "already registered" in r.json()["error"]["message"]
   other = init_base_params(tiny_config(), jax.random.key(99), scale=0.1)
   foreign = init_adapter(cfg, jax.random.key(5), name="foreign", base_params=other, rank=4)
   save_adapter(foreign, tmp_path / "foreign")
