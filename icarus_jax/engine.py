@@ -45,9 +45,9 @@ from icarus_jax.prefix_cache import PrefixCache
 from icarus_jax.sampling import SamplingParams, sample
 
 MODES = ("icarus", "isolated")
-ATTENTION_BACKENDS = ("reference", "pallas")
 ATTENTION_FNS = {"reference": engine_steps.paged_attention_reference,
                  "pallas": engine_steps.paged_attention_pallas}
+ATTENTION_BACKENDS = tuple(ATTENTION_FNS)
 
 
 class UnknownAdapterError(IcarusError):

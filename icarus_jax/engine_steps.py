@@ -32,6 +32,7 @@ from icarus_jax.config import ModelConfig
 from icarus_jax.model import (_lora_delta, apply_rope, attention, embed, head, layer_kv, layer_out,
                               layer_q, project, rms_norm)
 from icarus_jax.params import Params
+from kernels_pallas.paged_attention import paged_attention
 
 
 def write_pages(pages_l: jax.Array, k: jax.Array, v: jax.Array, page_table: jax.Array,
@@ -70,7 +71,6 @@ def paged_attention_pallas(q, pages_l, page_table, q_pos, *, sliding_window=None
   position) is one query block whose pages are read once for both streams; a prefill chunk is
   cut into blocks of 16 tokens that each skip the pages causality hides from them.
   """
-  from kernels_pallas.paged_attention import paged_attention  # noqa: PLC0415 (optional dep)
   return paged_attention(q, pages_l, page_table, q_pos, sliding_window=sliding_window,
                          q_block=min(q.shape[1], 16))
 

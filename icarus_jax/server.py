@@ -247,7 +247,7 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
   async def adapter_names() -> list[str]:
     return await aengine.acall(lambda e: list(e.adapter_names))
 
-  def sampling_for(req: _Req, index: int) -> tuple[SamplingParams, list[str]]:
+  def sampling_for(req: _Req, index: int) -> SamplingParams:
     max_tokens = req.max_completion_tokens or req.max_tokens or 16
     stop_ids = list(req.stop_token_ids or [])
     eos = getattr(tokenizer, "eos_id", None)
@@ -255,14 +255,16 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
       stop_ids.append(eos)
     seed = (req.seed if req.seed is not None else secrets.randbits(31)) + index
     try:
-      sp = SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                          seed=seed, max_tokens=max_tokens, stop_token_ids=tuple(stop_ids))
+      return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                            seed=seed, max_tokens=max_tokens, stop_token_ids=tuple(stop_ids))
     except IcarusError as e:
       raise APIError(400, str(e)) from None
+
+  def stop_strings(req: _Req) -> list[str]:
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stops):
       raise APIError(400, "stop strings must be non-empty", param="stop")
-    return sp, stops
+    return stops
 
   async def start(req: _Req, prompt_ids: list[int], adapter: str | None,
                   request: Request) -> list[_Gen]:
@@ -270,8 +272,7 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
     gens: list[_Gen] = []
     try:
       for i in range(req.n):
-        sp, _ = sampling_for(req, i)
-        rid, q = await aengine.submit(prompt_ids, adapter, sp, tenant=tenant)
+        rid, q = await aengine.submit(prompt_ids, adapter, sampling_for(req, i), tenant=tenant)
         gens.append(_Gen(i, rid, q))
     except UnknownAdapterError:
       for g in gens:
@@ -348,7 +349,7 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
   async def run_request(req: _Req, prompt_ids: list[int], request: Request, *, chat: bool,
                         echo_text: str = ""):
     adapter = resolve_model(req.model)
-    _, stops = sampling_for(req, 0)
+    stops = stop_strings(req)
     gens = await start(req, prompt_ids, adapter, request)
     rid_str = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     obj = "chat.completion" if chat else "text_completion"

@@ -163,14 +163,33 @@ def _page_loop(load_chunk, c_lo, c_hi, lo_tok, hi_tok, q_ref, pos_ref, o_ref, m_
   l_ref[...] = l
 
 
+def _block_specs(q_shape, num_splits):
+  """Blocks both lowerings share, for grid ``(B, K, nqb, num_splits)``.
+
+  In: positions ``[R, 1]`` and q ``[R, hd]`` of (row, kv head, query block). Out: the split's
+  unnormalised o ``[R, hd]`` and running max / denominator ``[R, 1]``, all f32. Index maps take
+  ``*_`` so the TPU grid's scalar-prefetch refs pass through.
+  """
+  B, K, nqb, R, hd = q_shape
+  out_map = lambda b, k, j, s, *_: (b, k, j, s, 0, 0)  # noqa: E731
+  in_specs = [pl.BlockSpec((None, None, R, 1), lambda b, k, j, s, *_: (b, j, 0, 0)),
+              pl.BlockSpec((None, None, None, R, hd), lambda b, k, j, s, *_: (b, k, j, 0, 0))]
+  stat = pl.BlockSpec((None, None, None, None, R, 1), out_map)
+  out_specs = [pl.BlockSpec((None, None, None, None, R, hd), out_map), stat, stat]
+  stat_shape = jax.ShapeDtypeStruct((B, K, nqb, num_splits, R, 1), jnp.float32)
+  out_shape = [jax.ShapeDtypeStruct((B, K, nqb, num_splits, R, hd), jnp.float32), stat_shape,
+               stat_shape]
+  return in_specs, out_specs, out_shape
+
+
 # ----------------------------------------------------------------------------- GPU-style kernel
 
 
-def _gpu_kernel(bounds_ref, pos_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
+def _gpu_kernel(pos_ref, q_ref, bounds_ref, pt_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
                 page_size, pages_per_chunk, chunks_per_split, sliding_window, scale):
   """One (row, kv head, query block, split): pages gathered by vector index from the pool view.
 
-  bounds ``[2]`` token range, pos ``[R, 1]``, pt ``[N_pad]``, q ``[R, hd]``, k/v ``[P, ps, hd]``
+  pos ``[R, 1]``, q ``[R, hd]``, bounds ``[2]`` token range, pt ``[N_pad]``, k/v ``[P, ps, hd]``
   (this kv head's view of the pool), outputs o ``[R, hd]``, m/l ``[R, 1]`` f32.
   """
   split = pl.program_id(3)
@@ -193,33 +212,27 @@ def _call_gpu(q_f, pos_f, bounds, pt, pages, *, num_splits, chunks_per_split, pa
               sliding_window, interpret):
   B, K, nqb, R, hd = q_f.shape
   P, ps = pages.shape[:2]
-  Np = pt.shape[1]
   kernel = functools.partial(_gpu_kernel, page_size=ps, pages_per_chunk=pages_per_chunk,
                              chunks_per_split=chunks_per_split, sliding_window=sliding_window,
                              scale=1.0 / math.sqrt(hd))
-  out_block = pl.BlockSpec((None, None, None, None, R, hd), lambda b, k, j, s: (b, k, j, s, 0, 0))
-  stat_block = pl.BlockSpec((None, None, None, None, R, 1), lambda b, k, j, s: (b, k, j, s, 0, 0))
-  stat_shape = jax.ShapeDtypeStruct((B, K, nqb, num_splits, R, 1), jnp.float32)
+  in_specs, out_specs, out_shape = _block_specs(q_f.shape, num_splits)
   return pl.pallas_call(
       kernel,
       grid=(B, K, nqb, num_splits),
-      in_specs=[
+      in_specs=in_specs + [
           pl.BlockSpec((None, None, 2), lambda b, k, j, s: (b, j, 0)),  # bounds
-          pl.BlockSpec((None, None, R, 1), lambda b, k, j, s: (b, j, 0, 0)),  # positions
-          pl.BlockSpec((None, Np), lambda b, k, j, s: (b, 0)),  # page table row
-          pl.BlockSpec((None, None, None, R, hd), lambda b, k, j, s: (b, k, j, 0, 0)),  # q
+          pl.BlockSpec((None, pt.shape[1]), lambda b, k, j, s: (b, 0)),  # page table row
           pl.BlockSpec((P, ps, None, hd), lambda b, k, j, s: (0, 0, k, 0)),  # K heads view
           pl.BlockSpec((P, ps, None, hd), lambda b, k, j, s: (0, 0, K + k, 0)),  # V heads view
       ],
-      out_specs=[out_block, stat_block, stat_block],
-      out_shape=[jax.ShapeDtypeStruct((B, K, nqb, num_splits, R, hd), jnp.float32),
-                 stat_shape, stat_shape],
+      out_specs=out_specs,
+      out_shape=out_shape,
       interpret=interpret,
       # Triton, explicitly: the pool views stay in global memory and are gathered per chunk
       # (Mosaic GPU would stage whole blocks in shared memory).
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
       name="icarus_paged_attention_gpu",
-  )(bounds, pos_f, pt, q_f, pages, pages)
+  )(pos_f, q_f, bounds, pt, pages, pages)
 
 
 # ----------------------------------------------------------------------------- TPU-style kernel
@@ -283,30 +296,22 @@ def _call_tpu(q_f, pos_f, bounds, pt, pages, *, num_splits, chunks_per_split, pa
                              pt_row_len=pt.shape[1], page_size=ps,
                              pages_per_chunk=pages_per_chunk, chunks_per_split=chunks_per_split,
                              sliding_window=sliding_window, scale=1.0 / math.sqrt(hd))
-  imap5 = lambda b, k, j, s, *_: (b, k, j, s, 0, 0)  # noqa: E731
+  in_specs, out_specs, out_shape = _block_specs(q_f.shape, num_splits)
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2,
       grid=(B, K, nqb, num_splits),
-      in_specs=[
-          pl.BlockSpec((None, None, R, 1), lambda b, k, j, s, *_: (b, j, 0, 0)),  # positions
-          pl.BlockSpec((None, None, None, R, hd), lambda b, k, j, s, *_: (b, k, j, 0, 0)),  # q
-          pl.BlockSpec(memory_space=pl.ANY),  # the pool layer stays in HBM
-      ],
-      out_specs=[pl.BlockSpec((None, None, None, None, R, hd), imap5),
-                 pl.BlockSpec((None, None, None, None, R, 1), imap5),
-                 pl.BlockSpec((None, None, None, None, R, 1), imap5)],
+      in_specs=in_specs + [pl.BlockSpec(memory_space=pl.ANY)],  # the pool layer stays in HBM
+      out_specs=out_specs,
       scratch_shapes=[pltpu.VMEM((2, pages_per_chunk, ps, hd), pages.dtype),
                       pltpu.VMEM((2, pages_per_chunk, ps, hd), pages.dtype),
                       pltpu.SemaphoreType.DMA((2, 2))],
   )
-  stat_shape = jax.ShapeDtypeStruct((B, K, nqb, num_splits, R, 1), jnp.float32)
   if interpret is True:
     interpret = pltpu.InterpretParams()
   return pl.pallas_call(
       kernel,
       grid_spec=grid_spec,
-      out_shape=[jax.ShapeDtypeStruct((B, K, nqb, num_splits, R, hd), jnp.float32),
-                 stat_shape, stat_shape],
+      out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=interpret,
