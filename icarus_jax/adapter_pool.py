@@ -7,13 +7,18 @@ Layout (``A`` = capacity slots; slot 0 is the base, all zeros; ranks padded to `
     lm_head   = {"a": [A, d_model, R], "b": [A, R, vocab]}   (if "lm_head" in targets)
 
 Shapes are fixed at construction, so adding or removing adapters never recompiles a step.
-Each batch row carries its slot; the step gathers ``a[rows]`` per layer (BGMV).
+Each batch row carries its slot; the step gathers ``a[rows]`` per layer (BGMV). Adding or
+removing an adapter writes only its slot: the pool arrays are donated to one jitted update
+(:func:`_write_slot`), so the cost is one slot's bytes, not the pool's.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from icarus_jax.adapters import Adapter, lora_shapes, lora_weights
 from icarus_jax.config import ModelConfig
@@ -64,41 +69,45 @@ class AdapterPool:
     slot = self._free.pop()
     lw = lora_weights(adapter)
     r = ac.rank
-    w = self.weights
+    new = self._empty_slot()
     for t in self.targets:
-      src = lw["lm_head"] if t == "lm_head" else lw["layers"].get(t)
-      dst = w["lm_head"] if t == "lm_head" else w["layers"][t]
-      if t == "lm_head":
-        a = jnp.zeros(dst["a"].shape[1:], dst["a"].dtype)
-        b = jnp.zeros(dst["b"].shape[1:], dst["b"].dtype)
-        if src is not None:
-          a = a.at[:, :r].set(src["a"].astype(a.dtype))
-          b = b.at[:r, :].set(src["b"].astype(b.dtype))
-        dst["a"] = dst["a"].at[slot].set(a)
-        dst["b"] = dst["b"].at[slot].set(b)
-      else:
-        a = jnp.zeros((dst["a"].shape[0],) + dst["a"].shape[2:], dst["a"].dtype)
-        b = jnp.zeros((dst["b"].shape[0],) + dst["b"].shape[2:], dst["b"].dtype)
-        if src is not None:
-          a = a.at[:, :, :r].set(src["a"].astype(a.dtype))
-          b = b.at[:, :r, :].set(src["b"].astype(b.dtype))
-        dst["a"] = dst["a"].at[:, slot].set(a)
-        dst["b"] = dst["b"].at[:, slot].set(b)
+      src = lw.get("lm_head") if t == "lm_head" else lw["layers"].get(t)
+      if src is None:
+        continue  # a target the adapter does not train contributes exactly 0
+      dst = new["lm_head"] if t == "lm_head" else new["layers"][t]
+      a, b = np.asarray(src["a"], np.float32), np.asarray(src["b"], np.float32)
+      dst["a"][..., :r] = a  # a [.., in, r] into [.., in, R]
+      dst["b"][..., :r, :] = b  # b [.., r, out] into [.., R, out]
+    self.weights = _write_slot(self.weights, jnp.int32(slot), new)
     self.slots[name] = slot
     return slot
 
   def remove(self, name: str) -> None:
     slot = self.slots.pop(name)
-    w = self.weights
-    for t in self.targets:
-      dst = w["lm_head"] if t == "lm_head" else w["layers"][t]
-      if t == "lm_head":
-        dst["a"] = dst["a"].at[slot].set(0)
-        dst["b"] = dst["b"].at[slot].set(0)
-      else:
-        dst["a"] = dst["a"].at[:, slot].set(0)
-        dst["b"] = dst["b"].at[:, slot].set(0)
+    self.weights = _write_slot(self.weights, jnp.int32(slot), self._empty_slot())
     self._free.append(slot)
+
+  def _empty_slot(self) -> dict:
+    """Zeros shaped like one slot of every pool array (host memory, float32)."""
+    def one(x):
+      shape = x.shape[1:] if x.ndim == 3 else (x.shape[0],) + x.shape[2:]
+      return np.zeros(shape, np.float32)
+    return jax.tree_util.tree_map(one, self.weights)
 
   def nbytes(self) -> int:
     return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self.weights)))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _write_slot(weights: dict, slot: jax.Array, new: dict) -> dict:
+  """``weights[..slot..] = new`` for every pool array, in place (``weights`` is donated).
+
+  Layer factors ``[L, A, ...]`` take ``new [L, ...]`` at ``[:, slot]``; the head's ``[A, ...]``
+  takes ``new [...]`` at ``[slot]``.
+  """
+  def put(w, n):
+    n = n.astype(w.dtype)
+    if w.ndim == 3 and n.ndim == 2:
+      return w.at[slot].set(n)
+    return w.at[:, slot].set(n)
+  return jax.tree_util.tree_map(put, weights, new)

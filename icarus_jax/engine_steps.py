@@ -2,7 +2,14 @@
 
 Pool layout: ``pages [L, P, page_size, 2 * K, hd]``: for each layer and page, the K heads
 (``[..., :K, :]``) then the V heads (``[..., K:, :]``) of ``page_size`` consecutive positions.
-Page 0 is the null page: padding writes land there and no sequence reads it unmasked.
+Page 0 is the null page: page tables are padded with it and no query reads it unmasked;
+padding tokens write nowhere.
+
+In place: the pool is donated to every step and carried through the layer scan as one flat
+``[L * P, ps, 2K, hd]`` buffer (``flat_pool``; layer ``l`` offsets the page table by ``l * P``).
+Each layer scatters its new K/V into that buffer and attention reads only the rows' pages, so a
+step's memory traffic and temporaries depend on the batch, never on the pool's size
+(``tests/test_kv_in_place.py`` checks the compiled programs).
 
 Batch metadata (``B`` rows, bucketed; padding rows have ``valid`` all False and a page table of
 zeros):
@@ -29,49 +36,59 @@ import jax
 import jax.numpy as jnp
 
 from icarus_jax.config import ModelConfig
-from icarus_jax.model import (_lora_delta, apply_rope, attention, embed, head, layer_kv, layer_out,
+from icarus_jax.model import (_lora_delta, apply_rope, embed, head, layer_kv, layer_out,
                               layer_q, project, rms_norm)
 from icarus_jax.params import Params
 from kernels_pallas.paged_attention import paged_attention
+from kernels_pallas.paged_attention import paged_attention_reference as paged_attention_jnp
 
 
-def write_pages(pages_l: jax.Array, k: jax.Array, v: jax.Array, page_table: jax.Array,
-                positions: jax.Array, valid: jax.Array) -> jax.Array:
-  """Scatters ``k, v [B, T, K, hd]`` into one layer's pages ``[P, ps, 2K, hd]``."""
-  ps = pages_l.shape[1]
-  logical = positions // ps
-  pidx = jnp.take_along_axis(page_table, jnp.clip(logical, 0, page_table.shape[1] - 1), axis=1)
-  pidx = jnp.where(valid, pidx, 0)
-  slot = jnp.where(valid, positions % ps, 0)
-  kv = jnp.concatenate([k, v], axis=2).astype(pages_l.dtype)
-  return pages_l.at[pidx, slot].set(kv)
+def flat_pool(pages: jax.Array) -> jax.Array:
+  """``[L, P, ps, 2K, hd] -> [L * P, ps, 2K, hd]``: one page axis over all layers (a bitcast).
+
+  Layer ``l``'s page ``p`` is flat page ``l * P + p``: the layer scan offsets the page table by
+  ``l * P``, so every attention function and the K/V write see one array and index only the
+  pages a row uses.
+  """
+  L, P = pages.shape[:2]
+  return pages.reshape(L * P, *pages.shape[2:])
 
 
-def gather_pages(pages_l: jax.Array, page_table: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Contiguous ``k, v [B, N * ps, K, hd]`` of each row's pages."""
-  B, N = page_table.shape
-  _, ps, K2, hd = pages_l.shape
-  kv = pages_l[page_table].reshape(B, N * ps, K2, hd)
-  K = K2 // 2
-  return kv[:, :, :K], kv[:, :, K:]
+def write_kv(pool: jax.Array, k: jax.Array, v: jax.Array, table: jax.Array,
+             positions: jax.Array, valid: jax.Array) -> jax.Array:
+  """Scatters ``k, v [B, T, K, hd]`` into the flat pool ``[L * P, ps, 2K, hd]`` in place.
+
+  ``table [B, N]`` holds flat page ids (the layer's page table plus ``l * P``). Invalid tokens (``valid`` False)
+  are dropped (their index is out of bounds), so padding never touches any page, the null page
+  included. Called on a donated or loop-carried pool, XLA updates the buffer in place: the cost
+  is that of the ``B * T`` written slots, whatever the pool's size.
+  """
+  ps = pool.shape[1]
+  logical = jnp.clip(positions // ps, 0, table.shape[1] - 1)
+  pidx = jnp.take_along_axis(table, logical, axis=1)
+  pidx = jnp.where(valid, pidx, pool.shape[0])  # out of bounds: dropped
+  kv = jnp.concatenate([k, v], axis=2).astype(pool.dtype)
+  return pool.at[pidx, positions % ps].set(kv, mode="drop")
 
 
-def paged_attention_reference(q, pages_l, page_table, q_pos, *, sliding_window=None):
-  """Reference attention of ``q [B, T, H, hd]`` at ``q_pos [B, T]`` over a row's pages."""
-  k, v = gather_pages(pages_l, page_table)
-  S = k.shape[1]
-  k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (q.shape[0], S))
-  return attention(q, k, v, q_pos, k_pos, sliding_window=sliding_window)
+def paged_attention_reference(q, pool, table, q_pos, *, sliding_window=None):
+  """jnp attention of ``q [B, T, H, hd]`` at ``q_pos [B, T]`` over the pages in ``table``.
+
+  Reads only the row's pages (``pool[table]``, ``[B, N, ps, 2K, hd]``), never a copy that grows
+  with the pool, and zeroes the slots no query may see, so stale inf/NaN left in a page by a
+  previous owner (or in the null page) never reaches the output.
+  """
+  return paged_attention_jnp(q, pool, table, q_pos, sliding_window=sliding_window)
 
 
-def paged_attention_pallas(q, pages_l, page_table, q_pos, *, sliding_window=None):
+def paged_attention_pallas(q, pool, table, q_pos, *, sliding_window=None):
   """The Pallas kernel on the engine's layout: tokens and the decoder row folded per kv head.
 
   Same contract as :func:`paged_attention_reference`. A decode step (``T + 1 = 2`` rows at one
   position) is one query block whose pages are read once for both streams; a prefill chunk is
   cut into blocks of 16 tokens that each skip the pages causality hides from them.
   """
-  return paged_attention(q, pages_l, page_table, q_pos, sliding_window=sliding_window,
+  return paged_attention(q, pool, table, q_pos, sliding_window=sliding_window,
                          q_block=min(q.shape[1], 16))
 
 
@@ -86,11 +103,34 @@ def _proj_dec(x, w, bias, lora, rows, T):
   return jnp.concatenate([y[:, :T], y[:, T:] + d.astype(y.dtype)], axis=1)
 
 
+def _layer_scan(body, carry, base: Params, pool: Params, pages: jax.Array):
+  """Runs ``body(carry, pool_flat, (lp, ll, table_offset)) -> (carry, pool_flat)`` over layers.
+
+  The KV pool is part of the scan *carry* (never ``xs``/``ys``): each layer scatters its new K/V
+  into the carried buffer and attention gathers only the rows' pages from it, so XLA keeps one
+  pool buffer (the donated argument) and updates it in place.
+  """
+  L, P = pages.shape[:2]
+  offsets = jnp.arange(L, dtype=jnp.int32) * P
+
+  def step(c, xs):
+    inner, pool_flat = c
+    inner, pool_flat = body(inner, pool_flat, xs)
+    return (inner, pool_flat), None
+
+  (carry, pool_flat), _ = jax.lax.scan(step, (carry, flat_pool(pages)),
+                                       (base["layers"], pool["layers"], offsets))
+  return carry, pool_flat.reshape(pages.shape)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "attn_fn"), donate_argnums=(3,))
 def icarus_step(cfg: ModelConfig, base: Params, pool: Params, pages: jax.Array,
                 tokens: jax.Array, positions: jax.Array, valid: jax.Array, page_table: jax.Array,
                 dec_token: jax.Array, dec_pos: jax.Array, rows: jax.Array, attn_fn=None):
-  """Fused ICaRus step. Returns ``(logits [B, V] float32 of the decoder rows, pages)``."""
+  """Fused ICaRus step. Returns ``(logits [B, V] float32 of the decoder rows, pages)``.
+
+  ``pages [L, P, ps, 2K, hd]`` is donated and updated in place (only the written slots change).
+  """
   B, T = tokens.shape
   attn_fn = attn_fn or paged_attention_reference
   h_enc = embed(base, tokens)
@@ -99,9 +139,10 @@ def icarus_step(cfg: ModelConfig, base: Params, pool: Params, pages: jax.Array,
   inv_freq = cfg.rope_inv_freq()
   H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-  def body(carry, xs):
+  def body(carry, pool_flat, xs):
     h_enc, h_dec = carry
-    lp, ll, pages_l = xs
+    lp, ll, offset = xs
+    table = page_table + offset
     h = jnp.concatenate([h_enc, h_dec], axis=1)  # [B, T+1, D]: encoder tokens, decoder token
     a = rms_norm(h, lp["attn_norm"], cfg.norm_eps)
     q = _proj_dec(a, lp["q"], lp.get("q_bias"), ll.get("q"), rows, T).reshape(B, T + 1, H, hd)
@@ -113,16 +154,16 @@ def icarus_step(cfg: ModelConfig, base: Params, pool: Params, pages: jax.Array,
       k = rms_norm(k, lp["k_norm"], cfg.norm_eps)
     q = apply_rope(q, q_pos, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    pages_l = write_pages(pages_l, k, v, page_table, positions, valid)
-    o = attn_fn(q, pages_l, page_table, q_pos, sliding_window=cfg.sliding_window)
+    pool_flat = write_kv(pool_flat, k, v, table, positions, valid)
+    o = attn_fn(q, pool_flat, table, q_pos, sliding_window=cfg.sliding_window)
     h = h + _proj_dec(o.reshape(B, T + 1, H * hd), lp["o"], None, ll.get("o"), rows, T)
     m = rms_norm(h, lp["mlp_norm"], cfg.norm_eps)
     g = _proj_dec(m, lp["gate"], None, ll.get("gate"), rows, T)
     u = _proj_dec(m, lp["up"], None, ll.get("up"), rows, T)
     h = h + _proj_dec(jax.nn.silu(g) * u, lp["down"], None, ll.get("down"), rows, T)
-    return (h[:, :T], h[:, T:]), pages_l
+    return (h[:, :T], h[:, T:]), pool_flat
 
-  (_, h_dec), pages = jax.lax.scan(body, (h_enc, h_dec), (base["layers"], pool["layers"], pages))
+  (_, h_dec), pages = _layer_scan(body, (h_enc, h_dec), base, pool, pages)
   logits = head(cfg, base, pool.get("lm_head"), h_dec, rows)[:, 0]
   return logits, pages
 
@@ -133,20 +174,21 @@ def conventional_step(cfg: ModelConfig, base: Params, pool: Params, pages: jax.A
                       page_table: jax.Array, last_idx: jax.Array, rows: jax.Array, attn_fn=None):
   """Baseline step: the row's adapter on every weight, its own K/V written to its own pages.
 
-  Returns ``(logits [B, V] at token index last_idx[b], pages)``.
+  Returns ``(logits [B, V] at token index last_idx[b], pages)``; ``pages`` donated, updated in
+  place.
   """
   attn_fn = attn_fn or paged_attention_reference
-  h = embed(base, tokens)
 
-  def body(h, xs):
-    lp, ll, pages_l = xs
+  def body(h, pool_flat, xs):
+    lp, ll, offset = xs
+    table = page_table + offset
     q = layer_q(cfg, lp, ll, h, positions, rows)
     k, v = layer_kv(cfg, lp, ll, h, positions, rows)
-    pages_l = write_pages(pages_l, k, v, page_table, positions, valid)
-    o = attn_fn(q, pages_l, page_table, positions, sliding_window=cfg.sliding_window)
-    return layer_out(cfg, lp, ll, h, o, rows), pages_l
+    pool_flat = write_kv(pool_flat, k, v, table, positions, valid)
+    o = attn_fn(q, pool_flat, table, positions, sliding_window=cfg.sliding_window)
+    return layer_out(cfg, lp, ll, h, o, rows), pool_flat
 
-  h, pages = jax.lax.scan(body, h, (base["layers"], pool["layers"], pages))
+  h, pages = _layer_scan(body, embed(base, tokens), base, pool, pages)
   h_last = jnp.take_along_axis(h, last_idx[:, None, None], axis=1)
   logits = head(cfg, base, pool.get("lm_head"), h_last, rows)[:, 0]
   return logits, pages
@@ -154,5 +196,8 @@ def conventional_step(cfg: ModelConfig, base: Params, pool: Params, pages: jax.A
 
 @functools.partial(jax.jit, donate_argnums=(0,))
 def copy_pages(pages: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
-  """``pages[:, dst[i]] = pages[:, src[i]]`` (copy-on-write of partially shared pages)."""
+  """``pages[:, dst[i]] = pages[:, src[i]]`` (copy-on-write of partially shared pages).
+
+  ``pages`` is donated: only the ``dst`` pages are written.
+  """
   return pages.at[:, dst].set(pages[:, src])

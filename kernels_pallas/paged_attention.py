@@ -185,13 +185,16 @@ def _block_specs(q_shape, num_splits):
 # ----------------------------------------------------------------------------- GPU-style kernel
 
 
-def _gpu_kernel(pos_ref, q_ref, bounds_ref, pt_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *,
-                page_size, pages_per_chunk, chunks_per_split, sliding_window, scale):
-  """One (row, kv head, query block, split): pages gathered by vector index from the pool view.
+def _gpu_kernel(pos_ref, q_ref, bounds_ref, pt_ref, pages_ref, o_ref, m_ref, l_ref, *,
+                num_kv_heads, page_size, pages_per_chunk, chunks_per_split, sliding_window,
+                scale):
+  """One (row, kv head, query block, split): pages gathered by vector index from the pool.
 
-  pos ``[R, 1]``, q ``[R, hd]``, bounds ``[2]`` token range, pt ``[N_pad]``, k/v ``[P, ps, hd]``
-  (this kv head's view of the pool), outputs o ``[R, hd]``, m/l ``[R, 1]`` f32.
+  pos ``[R, 1]``, q ``[R, hd]``, bounds ``[2]`` token range, pt ``[N_pad]``, pages the whole
+  pool ``[P, ps, 2K, hd]`` (left in global memory: a chunk's pages are gathered from it, nothing
+  pool-sized is ever staged or copied), outputs o ``[R, hd]``, m/l ``[R, 1]`` f32.
   """
+  kh = pl.program_id(1)
   split = pl.program_id(3)
   lo_tok, hi_tok = bounds_ref[0], bounds_ref[1]
   c_lo, c_hi = _chunk_range(lo_tok, hi_tok, split, page_size=page_size,
@@ -201,7 +204,9 @@ def _gpu_kernel(pos_ref, q_ref, bounds_ref, pt_ref, k_ref, v_ref, o_ref, m_ref, 
 
   def load_chunk(c):
     pidx = pt_ref[pl.ds(c * pages_per_chunk, pages_per_chunk)]
-    return k_ref[pidx].reshape(C, hd), v_ref[pidx].reshape(C, hd)
+    k = pages_ref[pidx, :, kh, :]
+    v = pages_ref[pidx, :, num_kv_heads + kh, :]
+    return k.reshape(C, hd), v.reshape(C, hd)
 
   _page_loop(load_chunk, c_lo, c_hi, lo_tok, hi_tok, q_ref, pos_ref, o_ref, m_ref, l_ref,
              page_size=page_size, pages_per_chunk=pages_per_chunk,
@@ -211,10 +216,9 @@ def _gpu_kernel(pos_ref, q_ref, bounds_ref, pt_ref, k_ref, v_ref, o_ref, m_ref, 
 def _call_gpu(q_f, pos_f, bounds, pt, pages, *, num_splits, chunks_per_split, pages_per_chunk,
               sliding_window, interpret):
   B, K, nqb, R, hd = q_f.shape
-  P, ps = pages.shape[:2]
-  kernel = functools.partial(_gpu_kernel, page_size=ps, pages_per_chunk=pages_per_chunk,
-                             chunks_per_split=chunks_per_split, sliding_window=sliding_window,
-                             scale=1.0 / math.sqrt(hd))
+  kernel = functools.partial(_gpu_kernel, num_kv_heads=K, page_size=pages.shape[1],
+                             pages_per_chunk=pages_per_chunk, chunks_per_split=chunks_per_split,
+                             sliding_window=sliding_window, scale=1.0 / math.sqrt(hd))
   in_specs, out_specs, out_shape = _block_specs(q_f.shape, num_splits)
   return pl.pallas_call(
       kernel,
@@ -222,17 +226,18 @@ def _call_gpu(q_f, pos_f, bounds, pt, pages, *, num_splits, chunks_per_split, pa
       in_specs=in_specs + [
           pl.BlockSpec((None, None, 2), lambda b, k, j, s: (b, j, 0)),  # bounds
           pl.BlockSpec((None, pt.shape[1]), lambda b, k, j, s: (b, 0)),  # page table row
-          pl.BlockSpec((P, ps, None, hd), lambda b, k, j, s: (0, 0, k, 0)),  # K heads view
-          pl.BlockSpec((P, ps, None, hd), lambda b, k, j, s: (0, 0, K + k, 0)),  # V heads view
+          # The whole pool as one block at a fixed origin: a pointer into global memory on GPU,
+          # and in interpret mode a loop-invariant value (no per-step slice of the pool).
+          pl.BlockSpec(pages.shape, lambda b, k, j, s: (0, 0, 0, 0)),
       ],
       out_specs=out_specs,
       out_shape=out_shape,
       interpret=interpret,
-      # Triton, explicitly: the pool views stay in global memory and are gathered per chunk
-      # (Mosaic GPU would stage whole blocks in shared memory).
+      # Triton, explicitly: the pool stays in global memory and is gathered per chunk (Mosaic
+      # GPU would stage whole blocks in shared memory).
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
       name="icarus_paged_attention_gpu",
-  )(pos_f, q_f, bounds, pt, pages, pages)
+  )(pos_f, q_f, bounds, pt, pages)
 
 
 # ----------------------------------------------------------------------------- TPU-style kernel

@@ -22,6 +22,29 @@ from icarus_jax.sharding import make_mesh, shard_base, shard_engine  # noqa: E40
 from icarus_jax.training import TrainConfig, init_trainable, make_optimizer, train_step  # noqa: E402
 
 
+def pool_growth(cfg, e, mesh):
+  """Sharded fused decode step lowered for 256 and 16,384 pages (shapes only): temp bytes per
+  device and pool-shaped copies / all-gathers in the compiled HLO (in place: none)."""
+  import re
+  from jax.sharding import NamedSharding
+  from icarus_jax.sharding import PAGES_AXES, _spec, load_rules
+  i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+  temps, bad = [], 0
+  for P in (256, 16384):
+    shape = (cfg.num_layers, P, 8, 2 * cfg.num_kv_heads, cfg.head_dim)
+    pages = jax.ShapeDtypeStruct(shape, jnp.float32,
+                                 sharding=NamedSharding(mesh, _spec(PAGES_AXES, load_rules())))
+    c = engine_steps.icarus_step.lower(cfg, e.base, e.pool.weights, pages, i32(4, 1), i32(4, 1),
+                                       jax.ShapeDtypeStruct((4, 1), jnp.bool_), i32(4, 4), i32(4),
+                                       i32(4), i32(4)).compile()
+    temps.append(c.memory_analysis().temp_size_in_bytes)
+    pat = re.compile(r"\[(%d,%d|%d),8," % (cfg.num_layers, P, cfg.num_layers * P))
+    bad += sum(1 for l in c.as_text().splitlines()
+               if pat.search(l) and re.search(r"\s(copy|all-gather)\(", l))
+  return {"pool_temp_growth_bytes": temps[1] - temps[0], "pool_copies": bad,
+          "large_pool_bytes": 4 * cfg.num_layers * 16384 * 8 * 2 * cfg.num_kv_heads * cfg.head_dim}
+
+
 def main():
   out = {"devices": len(jax.devices())}
   cfg = tiny_config(num_heads=8, num_kv_heads=8, head_dim=8, mlp_dim=128)
@@ -74,6 +97,7 @@ def main():
         "pages_sharding": str(e.pages.sharding.spec),
         "pages_devices": len(e.pages.sharding.device_set),
         "pool_sharding": str(e.pool.weights["layers"]["q"]["b"].sharding.spec),
+        **pool_growth(cfg, e, mesh),
     }
   try:
     make_mesh("data:4,model:4")

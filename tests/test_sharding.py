@@ -38,6 +38,10 @@ def test_sharded_steps_equal_unsharded(sharded, spec):
   assert r["step_logits_max_diff"] <= 1e-5       # one fused prefill step, logits
   assert r["train_params_max_diff"] <= 1e-5 and r["train_loss_diff"] <= 1e-5
   assert r["pages_devices"] == 8
+  # K/V written in place under sharding too: no pool-shaped copy or all-gather, temporaries flat
+  # when the pool grows 64x (observed growth: 0 bytes).
+  assert r["pool_copies"] == 0
+  assert abs(r["pool_temp_growth_bytes"]) < 0.01 * r["large_pool_bytes"]
   if spec != "data:8,model:1":                   # really sharded over the model axis
     assert not r["q_weight_replicated"]
     assert "model" in r["q_weight_sharding"] and "model" in r["pages_sharding"]
