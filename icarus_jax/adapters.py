@@ -169,8 +169,11 @@ def init_adapter(cfg: ModelConfig, key: jax.Array, *, name: str = "adapter",
   fp = base_fingerprint_
   if fp is None and base_params is not None:
     fp = base_fingerprint(cfg, base_params)
-  dtype = cfg.jnp_dtype
   if kind in ("icarus_lora", "lora"):
+    # LoRA factors are float32 master weights whatever the base dtype (as PEFT and MaxText):
+    # on a bf16 base, Adam updates below bf16 resolution would otherwise be lost
+    # (0.05 + 1e-4 == 0.05 in bf16). They are cast to the activations' dtype for the matmul.
+    dtype = jnp.float32
     acfg = AdapterConfig(name=name, kind=kind, targets=tuple(targets), rank=rank, alpha=alpha,
                          base_fingerprint=fp, use_rslora=use_rslora)
     shapes = lora_shapes(cfg, acfg.targets, rank)
@@ -213,8 +216,11 @@ def init_adapter(cfg: ModelConfig, key: jax.Array, *, name: str = "adapter",
 
 
 def check_adapter(cfg: ModelConfig, base_params: Params, adapter: Adapter, *,
-                  require_icarus: bool = False) -> None:
+                  require_icarus: bool = False, fingerprint: str | None = None) -> None:
   """Validates ``adapter`` against a base: gate, fingerprint and shapes.
+
+  ``fingerprint``: the base's, when the caller already holds it (the engine computes it once at
+  construction, so adding an adapter never re-hashes the base on the serving thread).
 
   Raises:
     AdapterGateError: ``require_icarus`` and the adapter is not an ICaRus kind.
@@ -226,11 +232,13 @@ def check_adapter(cfg: ModelConfig, base_params: Params, adapter: Adapter, *,
     raise AdapterGateError(
         f"adapter {ac.name!r} is of kind {ac.kind!r} (targets {list(ac.targets)}), which owns its "
         f"KV cache; the shared ICaRus cache accepts only kinds {ICARUS_KINDS}")
-  fp = base_fingerprint(cfg, base_params)
+  fp = fingerprint or base_fingerprint(cfg, base_params)
   if ac.base_fingerprint is None:
     raise FingerprintMismatchError(
-        f"adapter {ac.name!r} records no base fingerprint; load it with "
-        f"base_fingerprint=... (this base is {fp}) to assert it was trained on this base")
+        f"adapter {ac.name!r} records no base fingerprint (e.g. trained with HF PEFT); to assert "
+        f"it was trained on this base, load it with load_adapter(path, base_fingerprint="
+        f"engine.fingerprint) or serve with `launch.serve --trust_foreign_adapters` (this base "
+        f"is {fp})")
   if ac.base_fingerprint != fp:
     raise FingerprintMismatchError(
         f"adapter {ac.name!r} was trained on base {ac.base_fingerprint}, but this base is {fp}")

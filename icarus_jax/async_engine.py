@@ -10,6 +10,14 @@ Invariants: every submitted request gets exactly one ``done`` event (finished, a
 when a step raised); the engine's ``outputs`` entry is dropped once delivered, so a long-running
 server does not grow; ``snapshot()`` is a copy of the counters taken on the engine thread after
 each step (safe to read from any thread).
+
+Faults: the engine isolates a request that makes a step raise (it fails that request only, see
+``Engine._run_rows_isolated``); if a step still raises, every live request fails with the error
+and serving continues. If anything escapes the loop (a ``BaseException``, a bug in this class),
+the thread is *dead*: every waiting client gets a ``done`` event with ``finish_reason="error"``,
+queued and later commands raise :class:`EngineDeadError`, ``alive`` is False and ``dead_reason``
+says why (the server turns ``/health`` to 503 and refuses new requests). Nothing is left
+waiting forever.
 """
 
 from __future__ import annotations
@@ -25,9 +33,14 @@ import traceback
 from typing import Any, Callable
 
 from icarus_jax.engine import Engine, RequestOutput
+from icarus_jax.errors import IcarusError
 from icarus_jax.sampling import SamplingParams
 
 log = logging.getLogger("icarus_jax.async_engine")
+
+
+class EngineDeadError(IcarusError):
+  """The engine thread has stopped (crashed or shut down); the request was not queued."""
 
 
 @dataclasses.dataclass
@@ -49,6 +62,8 @@ class AsyncEngine:
     self._snapshot: dict[str, Any] = {}
     self._on_finish: list[Callable[[RequestOutput], None]] = []
     self.step_errors = 0
+    self.dead_reason: str | None = None
+    self._lock = threading.Lock()  # orders call() against the thread's final drain
     self._take_snapshot()
 
   # ------------------------------------------------------------------ lifecycle
@@ -63,7 +78,7 @@ class AsyncEngine:
 
   @property
   def alive(self) -> bool:
-    return self._thread.is_alive()
+    return self._thread.is_alive() and self.dead_reason is None
 
   def on_finish(self, fn: Callable[[RequestOutput], None]) -> None:
     """``fn(output)`` runs on the engine thread for every finished request (metrics)."""
@@ -73,7 +88,11 @@ class AsyncEngine:
   def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
     """Runs ``fn(engine)`` on the engine thread between steps; a Future of its result."""
     fut: concurrent.futures.Future = concurrent.futures.Future()
-    self._cmds.put((fn, fut))
+    with self._lock:
+      if self.dead_reason is not None:
+        fut.set_exception(EngineDeadError(self.dead_reason))
+      else:
+        self._cmds.put((fn, fut))
     return fut
 
   async def acall(self, fn: Callable[[Engine], Any]) -> Any:
@@ -140,18 +159,44 @@ class AsyncEngine:
         item = None
 
   def _fail_all(self, message: str) -> None:
-    eng = self.engine
-    for s in list(eng.running) + list(eng.waiting):
-      try:
-        eng.abort(s.rid)
-      except Exception:  # noqa: BLE001
-        pass
-      out = eng.outputs.get(s.rid)
-      if out is not None:
-        out.finish_reason, out.error = "error", message
-      self._deliver_done(s.rid)
+    """Every live request ends with ``message``; every registered stream gets its ``done``."""
+    try:
+      self.engine.fail_all(message)
+    except Exception:  # noqa: BLE001 - the streams below still get their answer
+      log.exception("fail_all failed")
+    for rid in list(self._streams):
+      if rid not in self.engine.outputs:  # no engine record left: answer anyway
+        self.engine.outputs[rid] = RequestOutput(rid, None, [], [], finish_reason="error",
+                                                 error=message)
+      self._deliver_done(rid)
 
   def _loop(self) -> None:
+    reason = "server shutting down"
+    try:
+      self._serve()
+    except BaseException as e:  # noqa: BLE001 - supervised: record, answer everyone, stop
+      reason = f"engine thread died: {type(e).__name__}: {e}"
+      log.critical("%s\n%s", reason, traceback.format_exc())
+    finally:
+      with self._lock:
+        self.dead_reason = reason
+      self._fail_all(reason)
+      self._drain_commands(reason)
+      try:
+        self._take_snapshot()
+      except Exception:  # noqa: BLE001 - the engine may be what broke
+        self._snapshot = {**self._snapshot, "dead_reason": reason}
+
+  def _drain_commands(self, reason: str) -> None:
+    while True:
+      try:
+        item = self._cmds.get_nowait()
+      except queue.Empty:
+        return
+      if item is not None and item[1].set_running_or_notify_cancel():
+        item[1].set_exception(EngineDeadError(reason))
+
+  def _serve(self) -> None:
     eng = self.engine
     while not self._stop.is_set():
       self._run_commands(block=not eng.has_work)
@@ -168,8 +213,6 @@ class AsyncEngine:
         for out in finished:
           self._deliver_done(out.request_id)
       self._take_snapshot()
-    # Shutdown: whoever still waits gets a clean end.
-    self._fail_all("server shutting down")
 
   def _take_snapshot(self) -> None:
     eng = self.engine
@@ -182,4 +225,5 @@ class AsyncEngine:
         cached_prompt_tokens=st.cached_prompt_tokens,
         prefill_tokens_computed=st.prefill_tokens_computed, decode_tokens=st.decode_tokens,
         per_adapter={k: dict(v) for k, v in st.per_adapter.items()},
-        adapters=list(eng.adapter_names), step_errors=self.step_errors)
+        adapters=list(eng.adapter_names), step_errors=self.step_errors,
+        isolated_faults=st.isolated_faults, dead_reason=self.dead_reason)

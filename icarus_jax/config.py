@@ -245,8 +245,13 @@ class ModelConfig:
     if dtype is None:
       dtype = hf.get("dtype", hf.get("torch_dtype", "float32")) or "float32"
     sliding = hf.get("sliding_window") if arch == "mistral" else None
-    if arch == "qwen2" and hf.get("use_sliding_window"):
-      raise ConfigError(f"{src}: Qwen2 use_sliding_window=True is not supported")
+    if arch in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+      # Qwen's window applies only to layers >= max_window_layers (a per-layer mix we do not
+      # implement); loading it with full attention would silently change the model.
+      raise ConfigError(f"{src}: {arch} use_sliding_window=True (sliding_window="
+                        f"{hf.get('sliding_window')}, max_window_layers="
+                        f"{hf.get('max_window_layers')}) is not supported; only full attention "
+                        f"(use_sliding_window=false) loads")
     return cls(
         vocab_size=int(req("vocab_size")),
         d_model=d_model,

@@ -76,13 +76,27 @@ class RooflineSimulator:
     self.total_time = 0.0
     self.steps = 0
 
+  def step_bytes(self, rows, icarus: bool) -> dict:
+    """Bytes one step moves through memory. ``rows``: (context after the step, new tokens, slot).
+
+    The engine writes K/V in place and attention reads only each row's pages, so nothing here
+    depends on the pool's size (``benchmarks/kv_pool_scaling.py`` checks the compiled step
+    against this): base weights once, the LoRA factors of the adapters in the batch, each row's
+    K/V once (the ICaRus kernel folds the decoder stream into the encoder's page read) and the
+    new tokens' K/V.
+    """
+    del icarus  # both streams share the weight and page reads
+    slots = {slot for _, _, slot in rows if slot}
+    kv_read = sum(ctx for ctx, _, _ in rows) * self.kv_bytes_per_token
+    kv_write = sum(n for _, n, _ in rows) * self.kv_bytes_per_token
+    lora = len(slots) * self.lora_bytes
+    return {"weights": self.weight_bytes, "lora": lora, "kv_read": kv_read, "kv_write": kv_write,
+            "total": self.weight_bytes + lora + kv_read + kv_write}
+
   def step_time(self, rows, decode: bool, icarus: bool) -> float:
     """``rows``: list of (context length after this step, new tokens, slot)."""
     c = self.cfg
     flops = 0.0
-    kv_read = 0.0
-    kv_write = 0.0
-    slots = set()
     for ctx, n_new, slot in rows:
       q_rows = n_new + (1 if icarus else 0)  # ICaRus: + the decoder row at the last position
       flops += 2.0 * self.layer_params * q_rows
@@ -90,12 +104,7 @@ class RooflineSimulator:
       # attention: each query row attends to ~its context (causal average for prefill chunks)
       avg_ctx = ctx if decode else max(ctx - n_new / 2.0, 1.0)
       flops += 4.0 * c.num_layers * c.num_heads * c.head_dim * avg_ctx * q_rows
-      kv_read += ctx * self.kv_bytes_per_token
-      kv_write += n_new * self.kv_bytes_per_token
-      if slot:
-        slots.add(slot)
-    bytes_ = self.weight_bytes + len(slots) * self.lora_bytes + kv_read + kv_write
-    t_mem = bytes_ / (self.hw.hbm_bandwidth * self.hw.mem_efficiency)
+    t_mem = self.step_bytes(rows, icarus)["total"] / (self.hw.hbm_bandwidth * self.hw.mem_efficiency)
     t_flop = flops / (self.hw.peak_flops * self.hw.flop_efficiency)
     return max(t_mem, t_flop) + self.hw.step_overhead_s
 

@@ -107,6 +107,7 @@ class EngineStats:
   prefill_tokens_computed: int = 0
   decode_tokens: int = 0
   preemptions: int = 0
+  isolated_faults: int = 0  # batches that raised and were re-run row by row
   peak_pages_used: int = 0
   steps: int = 0
   per_adapter: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(
@@ -210,6 +211,8 @@ class Engine:
     self.attention_backend = attention_backend
     self._attn_fn = ATTENTION_FNS[attention_backend]
     self.adapters: dict[str, Adapter] = {}
+    self._adapter_gen: dict[str, int] = {}  # load generation: part of the isolated cache key
+    self._gens = itertools.count(1)
     self._draining: set[str] = set()
     self.waiting: collections.deque[_Seq] = collections.deque()
     self.running: list[_Seq] = []
@@ -229,13 +232,16 @@ class Engine:
     if self.simulator is not None:
       self.pool.add(name, adapter)
       self.adapters[name] = adapter
+      self._adapter_gen[name] = next(self._gens)
       return
-    check_adapter(self.cfg, self.base, adapter, require_icarus=(self.mode == "icarus"))
+    check_adapter(self.cfg, self.base, adapter, require_icarus=(self.mode == "icarus"),
+                  fingerprint=self.fingerprint)
     if self.mode == "isolated" and adapter.config.is_icarus:
       raise IcarusError(f"isolated mode serves conventional models; adapter {name!r} is of kind "
                         f"{adapter.kind!r} (use kind='lora')")
     self.pool.add(name, adapter)
     self.adapters[name] = adapter
+    self._adapter_gen[name] = next(self._gens)
 
   def remove_adapter(self, name: str) -> None:
     """Unregisters ``name``: new requests for it are refused; running ones finish first."""
@@ -252,6 +258,10 @@ class Engine:
       self.pool.remove(name)
       del self.adapters[name]
       self._draining.discard(name)
+      gen = self._adapter_gen.pop(name)
+      if self.mode == "isolated":  # its K/V is now unreachable: give the pages back
+        for ns in [ns for ns in self.cache.roots if ns[2:] == (name, gen)]:
+          self.cache.drop_namespace(ns)
 
   @property
   def adapter_names(self) -> list[str]:
@@ -294,7 +304,10 @@ class Engine:
                                  f"pool has {self.alloc.capacity}")
     rid = next(self._ids)
     slot = BASE_SLOT if adapter is None else self.pool.slots[adapter]
-    ns = (self.fingerprint, tenant) if self.mode == "icarus" else (self.fingerprint, tenant, adapter)
+    # Isolated mode keys the cache by the adapter's identity (name + load generation), so an
+    # adapter reloaded under the same name never reads its predecessor's K/V.
+    ns = ((self.fingerprint, tenant) if self.mode == "icarus" else
+          (self.fingerprint, tenant, adapter, self._adapter_gen.get(adapter, 0)))
     out = RequestOutput(rid, adapter, list(ids), [], arrival_time=self.clock())
     seq = _Seq(rid, adapter, slot, ns, list(ids), list(ids), sampling, callback, out,
                order=next(self._order))
@@ -455,7 +468,23 @@ class Engine:
     return [int(t) for t in toks]
 
   def _sample_and_append(self, seqs: list[_Seq], logits) -> None:
-    toks = self._pick_tokens(seqs, logits)
+    if not seqs:
+      return
+    try:
+      toks = self._pick_tokens(seqs, logits)
+    except Exception as e:  # noqa: BLE001 - find the request(s) at fault, serve the others
+      if len(seqs) == 1:
+        self._fail(seqs[0], e)
+        return
+      self.stats.isolated_faults += 1
+      keep, toks = [], []
+      for i, s in enumerate(seqs):
+        try:
+          toks += self._pick_tokens([s], None if logits is None else logits[i:i + 1])
+          keep.append(s)
+        except Exception as e:  # noqa: BLE001
+          self._fail(s, e)
+      seqs = keep
     now = self.clock()
     for s, t in zip(seqs, toks):
       t = int(t)
@@ -470,9 +499,67 @@ class Engine:
       elif s.num_output >= s.sampling.max_tokens or len(s.tokens) >= self.max_seq_len:
         reason = "length"
       if s.callback is not None:
-        s.callback(s.rid, t, reason is not None)
+        try:
+          s.callback(s.rid, t, reason is not None)
+        except Exception as e:  # noqa: BLE001 - a consumer's bug fails its own request only
+          self._fail(s, e)
+          continue
       if reason:
         self._finish(s, reason)
+
+  def _run_rows_isolated(self, rows, decode: bool):
+    """:meth:`_run_rows`, and if the batch raises, each row alone: rows that still raise fail
+    (their request ends with ``finish_reason="error"``), the others are served. Returns
+    ``(rows that ran, their logits)``."""
+    try:
+      return rows, self._run_rows(rows, decode)
+    except Exception as e:  # noqa: BLE001
+      if len(rows) == 1:
+        self._fail(rows[0][0], e)
+        return [], None
+    self.stats.isolated_faults += 1
+    ok, logits = [], []
+    for r in rows:
+      try:
+        lg = self._run_rows([r], decode)
+      except Exception as e:  # noqa: BLE001
+        self._fail(r[0], e)
+        continue
+      ok.append(r)
+      logits.append(None if lg is None else lg[0])
+    if self.simulator is not None or not ok:
+      return ok, None
+    return ok, jnp.stack(logits)
+
+  def _fail(self, seq: _Seq, err) -> None:
+    """Ends ``seq`` with ``finish_reason="error"`` (its computed pages go to the cache)."""
+    msg = err if isinstance(err, str) else f"{type(err).__name__}: {err}"
+    if seq in self.waiting:
+      self.waiting.remove(seq)
+      self._finish(seq, "error", release=False, error=msg)
+    elif not seq.out.finished:
+      self._finish(seq, "error", error=msg)
+
+  def fail(self, rid: int, message: str) -> bool:
+    """Ends request ``rid`` with ``finish_reason="error"`` and ``message``; True if it was live."""
+    for s in itertools.chain(list(self.waiting), list(self.running)):
+      if s.rid == rid:
+        self._fail(s, message)
+        return True
+    return False
+
+  def fail_all(self, message: str) -> list[int]:
+    """Ends every live request with an error (last resort: the engine itself is broken)."""
+    rids = []
+    for s in list(self.running) + list(self.waiting):
+      try:
+        self._fail(s, message)
+      except Exception:  # noqa: BLE001 - still mark it, whatever the bookkeeping says
+        s.out.finish_reason, s.out.error = "error", message
+        self.running = [x for x in self.running if x is not s]
+        self.waiting = collections.deque(x for x in self.waiting if x is not s)
+      rids.append(s.rid)
+    return rids
 
   def _finish(self, seq: _Seq, reason: str, *, release: bool = True, error: str | None = None):
     if release:
@@ -503,7 +590,7 @@ class Engine:
         start = s.num_computed
         new = s.tokens[start:start + self.prefill_chunk]
         rows.append((s, new, start))
-      logits = self._run_rows(rows, decode=False)
+      rows, logits = self._run_rows_isolated(rows, decode=False)
       if logits is None:
         logits = [None] * len(rows)
       for (s, new, start), lg in zip(rows, logits):
@@ -512,7 +599,7 @@ class Engine:
         self.stats.per_adapter[s.adapter]["prefill_tokens_computed"] += len(new)
         if s.num_computed == len(s.tokens):
           done.append((s, lg))
-      pending = [s for s in pending if s.num_computed < len(s.tokens)]
+      pending = [s for s in pending if s.num_computed < len(s.tokens) and not s.out.finished]
       if done:
         for s, _ in done:  # full pages of the prompt become shareable right away
           self.cache.insert(s.ns, s.tokens[:s.num_computed], s.page_table, include_partial=False)
@@ -546,7 +633,8 @@ class Engine:
     decoding = self._reserve_decode_pages(decoding)
     if decoding:
       rows = [(s, [s.tokens[s.num_computed]], s.num_computed) for s in decoding]
-      logits = self._run_rows(rows, decode=True)
+      rows, logits = self._run_rows_isolated(rows, decode=True)
+      decoding = [r[0] for r in rows]
       for s in decoding:
         s.num_computed += 1
       self.stats.decode_tokens += len(decoding)
@@ -619,6 +707,57 @@ class Engine:
     assert self.alloc.num_free + int(used[1:].sum()) == self.alloc.capacity
     assert self.cache.num_unreferenced() == self.cache.num_evictable(), \
         "an unreferenced cached page sits above a referenced one (not evictable)"
+
+  def context_kv(self, prompt, adapter: str | None = None) -> np.ndarray:
+    """The K/V this engine's own step writes for ``prompt`` while serving ``adapter``.
+
+    Runs the jitted serving step (``icarus_step``, or ``conventional_step`` in isolated mode)
+    over the prompt in prefill chunks of the engine's bucket shapes, into a scratch pool (the
+    live pool and cache are untouched), and returns ``[L, len(prompt), 2K, hd]`` (K heads then V
+    heads). In ICaRus mode the result is bitwise the same for every adapter and the base (the
+    encoder stream never sees an adapter); in isolated mode each adapter writes its own K/V.
+    Same shapes are used for every adapter, so bitwise comparison is meaningful: K/V may differ
+    in the last bits when batch composition or chunking differ (docs/engine.md).
+    """
+    if self.simulator is not None:
+      raise IcarusError("context_kv needs the device runner (not a simulated engine)")
+    if isinstance(prompt, str):
+      if self.tokenizer is None:
+        raise IcarusError("text prompt given but the engine has no tokenizer")
+      prompt = self.tokenizer.encode(prompt)
+    ids = [int(t) for t in prompt]
+    if not ids or len(ids) > self.max_seq_len:
+      raise IcarusError(f"prompt must have 1..{self.max_seq_len} tokens, got {len(ids)}")
+    if adapter is not None and adapter not in self.adapters:
+      raise UnknownAdapterError(f"adapter {adapter!r} is not registered")
+    slot = BASE_SLOT if adapter is None else self.pool.slots[adapter]
+    cfg, ps, chunk = self.cfg, self.page_size, self.prefill_chunk
+    n_pages = math.ceil(len(ids) / ps)
+    N = _bucket(n_pages, self.max_pages_per_seq)
+    pages = jnp.zeros((cfg.num_layers, n_pages + 1, ps, 2 * cfg.num_kv_heads, cfg.head_dim),
+                      cfg.jnp_dtype)
+    table = np.zeros((1, N), np.int32)
+    table[0, :n_pages] = np.arange(1, n_pages + 1)
+    for start in range(0, len(ids), chunk):
+      new = ids[start:start + chunk]
+      k = len(new)
+      tokens = np.zeros((1, chunk), np.int32)
+      positions = np.full((1, chunk), start + k - 1, np.int32)
+      valid = np.zeros((1, chunk), bool)
+      tokens[0, :k], positions[0, :k], valid[0, :k] = new, np.arange(start, start + k), True
+      slots = np.array([slot], np.int32)
+      if self.mode == "icarus":
+        _, pages = engine_steps.icarus_step(cfg, self.base, self.pool.weights, pages, tokens,
+                                            positions, valid, table, tokens[:, k - 1],
+                                            positions[:, k - 1], slots, attn_fn=self._attn_fn)
+      else:
+        _, pages = engine_steps.conventional_step(cfg, self.base, self.pool.weights, pages,
+                                                  tokens, positions, valid, table,
+                                                  np.array([k - 1], np.int32), slots,
+                                                  attn_fn=self._attn_fn)
+    kv = np.asarray(pages)[:, 1:].reshape(cfg.num_layers, n_pages * ps, 2 * cfg.num_kv_heads,
+                                          cfg.head_dim)
+    return kv[:, :len(ids)]
 
   def flush_cache(self) -> int:
     """Evicts every unreferenced cached page; returns how many were freed."""

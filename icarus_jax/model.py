@@ -94,7 +94,7 @@ def _lora_delta(x: jax.Array, ab: dict | None, rows: jax.Array | None) -> jax.Ar
   """
   if ab is None:
     return None
-  a, b = ab["a"], ab["b"]
+  a, b = ab["a"].astype(x.dtype), ab["b"].astype(x.dtype)  # float32 masters -> compute dtype
   if rows is not None:
     a, b = a[rows], b[rows]
   if a.ndim == 2:

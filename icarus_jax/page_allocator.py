@@ -1,7 +1,8 @@
 """Host-side bookkeeping of the paged KV pool: free list and reference counts.
 
-Page 0 is reserved as the *null page*: padding rows and padding tokens write there and it is
-never handed out, so a real page is only ever written by the sequence that owns it.
+Page 0 is reserved as the *null page*: it pads page tables (padding rows, unused logical pages)
+and is never handed out; padding tokens write nowhere. A real page is only ever written by the
+sequence that owns it.
 A page's reference count is the number of running sequences whose page table holds it. A page
 with count 0 is either free or held by the prefix cache (then it is evictable).
 """

@@ -24,6 +24,7 @@ Projection matrices are stored ``[in, out]`` (``x @ W``); Hugging Face stores ``
 from __future__ import annotations
 
 import hashlib
+import weakref
 from typing import Any
 
 import jax
@@ -132,9 +133,10 @@ def base_fingerprint(cfg: ModelConfig, params: Params) -> str:
   Values are hashed as float32 so the same checkpoint loaded in bf16 or f32 from a bf16 file
   hashes the same. The result is cached on the params dict identity.
   """
-  cache_key = id(params)
-  hit = _FP_CACHE.get(cache_key)
-  if hit is not None and hit[0] is params:
+  leaves = jax.tree_util.tree_leaves(params)
+  key = tuple(id(x) for x in leaves)
+  hit = _FP_CACHE.get(key)
+  if hit is not None and all(r() is x for r, x in zip(hit[0], leaves)):
     return hit[1]
   h = hashlib.blake2b(digest_size=16)
   math_fields = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -148,13 +150,16 @@ def base_fingerprint(cfg: ModelConfig, params: Params) -> str:
     h.update(repr(arr.shape).encode())
     h.update(np.ascontiguousarray(arr).tobytes())
   fp = "icarus-base-" + h.hexdigest()
-  _FP_CACHE[cache_key] = (params, fp)
-  if len(_FP_CACHE) > 16:
+  try:  # weak references only: the cache never keeps a (possibly huge, unsharded) base alive
+    _FP_CACHE[key] = (tuple(weakref.ref(x) for x in leaves), fp)
+  except TypeError:  # a leaf type without weakref support: just do not cache
+    return fp
+  while len(_FP_CACHE) > 16:
     _FP_CACHE.pop(next(iter(_FP_CACHE)))
   return fp
 
 
-_FP_CACHE: dict[int, tuple[Params, str]] = {}
+_FP_CACHE: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], str]] = {}
 
 
 def param_bytes(tree: Params) -> int:

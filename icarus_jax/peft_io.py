@@ -14,6 +14,7 @@ Full-decoder adapters (``icarus_full``/``full``) have no PEFT equivalent; they a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -25,6 +26,7 @@ from icarus_jax.adapters import Adapter, AdapterConfig
 from icarus_jax.errors import AdapterGateError, CheckpointError, IcarusError
 from icarus_jax.hf_checkpoint import LAYER_MAP, TOP_MAP
 
+log = logging.getLogger("icarus_jax.peft_io")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -32,6 +34,7 @@ PREFIX = "base_model.model."
 PEFT_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj",
                 "up": "up_proj", "down": "down_proj", "lm_head": "lm_head"}
 FROM_PEFT = {v: k for k, v in PEFT_MODULES.items()}
+_BASE_COPY_RE = re.compile(r"^base_model\.model\..*\.base_layer\.weight$")
 _KEY_RE = re.compile(r"^base_model\.model\.(?:model\.layers\.(\d+)\.(?:self_attn|mlp)\.)?"
                      r"(\w+)\.lora_([AB])(?:\.default)?\.weight$")
 
@@ -134,7 +137,10 @@ def load_adapter(path: str | os.PathLike, *, kind: str | None = None, name: str 
       it as a conventional model).
     name: serving name; default: the recorded name, else the directory name.
     base_fingerprint: asserts the base it was trained on when the files record none (foreign
-      PEFT adapters); a recorded fingerprint that differs is an error.
+      PEFT adapters; ``launch.serve --trust_foreign_adapters`` passes the served base's); a
+      recorded fingerprint that differs is an error. Saved copies of base weights
+      (``...base_layer.weight``, written by PEFT for a targeted ``lm_head``) are ignored with a
+      warning.
     dtype: cast the arrays (default: as stored).
   Raises:
     CheckpointError: missing/malformed files, missing or mis-shaped tensors.
@@ -193,7 +199,11 @@ def load_adapter(path: str | os.PathLike, *, kind: str | None = None, name: str 
 
   # Group tensors: (target, layer) -> {"A": [r, in], "B": [out, r]}.
   found: dict[tuple[str, int | None], dict[str, np.ndarray]] = {}
+  base_copies = []
   for k, arr in tensors.items():
+    if _BASE_COPY_RE.match(k):  # PEFT saves the wrapped base weight (e.g. a targeted lm_head)
+      base_copies.append(k)
+      continue
     m = _KEY_RE.match(k)
     if not m:
       raise CheckpointError(f"{path / WEIGHTS_FILE}: unexpected tensor {k!r} (not a PEFT LoRA key)")
@@ -202,6 +212,10 @@ def load_adapter(path: str | os.PathLike, *, kind: str | None = None, name: str 
       raise CheckpointError(f"{path / WEIGHTS_FILE}: tensor {k!r} is for module {module!r}, which "
                             f"is not in target_modules {modules}")
     found.setdefault((FROM_PEFT[module], None if layer is None else int(layer)), {})[ab] = arr
+  if base_copies:
+    log.warning("%s: ignoring %d saved copies of base weights (%s%s); the served base's own "
+                "weights are used", path / WEIGHTS_FILE, len(base_copies), base_copies[0],
+                ", ..." if len(base_copies) > 1 else "")
   layers = sorted({l for (_, l) in found if l is not None})
   n_layers = (max(layers) + 1) if layers else 0
   params: dict = {"layers": {}}

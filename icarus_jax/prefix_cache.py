@@ -197,6 +197,28 @@ class PrefixCache:
     del nd.parent.children[nd.tokens]
     del self.page_to_node[nd.page]
 
+  def drop_namespace(self, ns: Hashable) -> int:
+    """Forgets every unreferenced page cached under ``ns`` (e.g. an unloaded adapter's K/V in
+    isolated mode), deepest first; pages some sequence still holds stay. Returns pages freed."""
+    root = self.roots.get(ns)
+    if root is None:
+      return 0
+    rc = self.alloc.refcount
+    freed = []
+
+    def walk(nd: Node) -> None:
+      for c in list(nd.children.values()):
+        walk(c)
+      if nd.parent is not None and not nd.children and rc[nd.page] == 0:
+        self._remove(nd)
+        freed.append(nd.page)
+
+    walk(root)
+    self.alloc.free(freed)
+    if not root.children:
+      del self.roots[ns]
+    return len(freed)
+
   def flush(self) -> int:
     """Evicts every unreferenced cached page; returns how many."""
     return self.evict(len(self.page_to_node))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from icarus_jax.errors import IcarusError
 
@@ -26,15 +28,40 @@ class SamplingParams:
   stop_token_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
-    object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-    if not (self.temperature >= 0):
-      raise IcarusError(f"temperature must be >= 0, got {self.temperature}")
-    if not (0 < self.top_p <= 1):
-      raise IcarusError(f"top_p must be in (0, 1], got {self.top_p}")
-    if int(self.top_k) != self.top_k:
-      raise IcarusError(f"top_k must be an int, got {self.top_k}")
-    if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+    # Every value here ends up in a fixed-width device array of the batched sampler, so it is
+    # checked per request, before it can share a batch (an out-of-range seed once failed the
+    # conversion of the whole batch's seeds and with it every neighbour's request).
+    try:
+      stops = tuple(int(t) for t in self.stop_token_ids)
+    except (TypeError, ValueError):
+      raise IcarusError(f"stop_token_ids must be ints, got {self.stop_token_ids!r}") from None
+    object.__setattr__(self, "stop_token_ids", stops)
+    if not _is_real(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+      raise IcarusError(f"temperature must be a number in [0, {MAX_TEMPERATURE}], got "
+                        f"{self.temperature!r}")
+    if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+      raise IcarusError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+    if not _is_int(self.top_k) or not -1 <= self.top_k < 2**31:
+      raise IcarusError(f"top_k must be an int in [-1, 2**31) (0 or -1: off), got {self.top_k!r}")
+    if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+      raise IcarusError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+    if not _is_int(self.max_tokens) or self.max_tokens < 1:
       raise IcarusError(f"max_tokens must be a positive int, got {self.max_tokens!r}")
+    bad = [t for t in stops if not 0 <= t < 2**31]
+    if bad:
+      raise IcarusError(f"stop_token_ids must be in [0, 2**31), got {bad[:5]}")
+
+
+MAX_TEMPERATURE = 1e4
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+  return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) \
+      and math.isfinite(x)
 
 
 GREEDY = SamplingParams()

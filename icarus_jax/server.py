@@ -8,10 +8,14 @@ Routes (FastAPI on uvicorn; the engine runs on its own thread, see :mod:`async_e
   POST /v1/completions              prompt (text or token ids), stream, n, usage...
   POST /v1/chat/completions         messages through the chat template, stream, n, usage...
   POST /v1/load_lora_adapter        {"lora_name", "lora_path"}: ICaRus gate + base fingerprint
+                                    (403 unless started with allow_runtime_lora; lora_roots)
   POST /v1/unload_lora_adapter      {"lora_name"}: running requests finish, new ones get 404
 
 Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 malformed JSON,
-bad fields or prompt too long; 401 bad API key; 404 unknown model; 500 engine failure.
+bad fields (ranges, lone surrogates, unsupported ``logprobs``) or prompt too long; 401 bad API
+key; 403 runtime adapter loading disabled or path outside the allowed roots; 404 unknown model;
+500 a request failed in the engine (only that request: the engine isolates faults); 503 the
+engine thread is dead (``/health`` says why).
 ``cache_salt`` (body) or the ``X-Cache-Salt`` header partitions the prefix cache per tenant.
 Non-standard extras, as in vLLM: ``return_token_ids`` (token ids in each choice),
 ``top_k``, ``stop_token_ids``, ``ignore_eos``.
@@ -22,20 +26,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import secrets
 import time
 import uuid
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import (CollectorRegistry, Counter, Histogram, generate_latest)
 from prometheus_client.core import GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from icarus_jax.async_engine import AsyncEngine
+from icarus_jax.async_engine import AsyncEngine, EngineDeadError
 from icarus_jax.chat_template import ChatTemplate
 from icarus_jax.engine import RequestOutput, RequestTooLargeError, UnknownAdapterError
 from icarus_jax.errors import IcarusError
@@ -47,17 +53,49 @@ MAX_N = 16
 
 # ----------------------------------------------------------------------------- protocol
 
-class _Req(BaseModel):
+def _check_text(value: Any, where: str = "body") -> None:
+  """Refuses strings that cannot be UTF-8 encoded (a lone UTF-16 surrogate such as ``\\ud800``
+  is valid JSON but no tokenizer can take it): a 400 naming the field, never a 500."""
+  if isinstance(value, str):
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError as e:
+      raise ValueError(f"{where} holds a lone UTF-16 surrogate at character {e.start} "
+                       f"({value[e.start:e.end].encode('utf-8', 'backslashreplace').decode()}); "
+                       f"send valid Unicode text") from None
+  elif isinstance(value, dict):
+    for k, v in value.items():
+      _check_text(k, where)
+      _check_text(v, f"{where}.{k}")
+  elif isinstance(value, list):
+    for i, v in enumerate(value):
+      _check_text(v, f"{where}[{i}]")
+
+
+class _Body(BaseModel):
+  @model_validator(mode="before")
+  @classmethod
+  def _valid_unicode(cls, data):
+    _check_text(data)
+    return data
+
+
+INT64 = 2**63
+
+
+class _Req(_Body):
   model_config = ConfigDict(extra="ignore")
   model: str
   max_tokens: int | None = Field(default=16, ge=1)
   max_completion_tokens: int | None = Field(default=None, ge=1)
   temperature: float = Field(default=1.0, ge=0.0, le=2.0)
   top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-  top_k: int = 0
-  seed: int | None = None
+  top_k: int = Field(default=0, ge=-1, lt=2**31)
+  seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
+  logprobs: Any = None
+  top_logprobs: Any = None
   stop: str | list[str] | None = None
-  stop_token_ids: list[int] | None = None
+  stop_token_ids: list[int] | None = Field(default=None, max_length=1024)
   ignore_eos: bool = False
   n: int = Field(default=1, ge=1, le=MAX_N)
   stream: bool = False
@@ -72,7 +110,7 @@ class CompletionRequest(_Req):
   echo: bool = False
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Body):
   model_config = ConfigDict(extra="ignore")
   role: Literal["system", "user", "assistant", "tool"]
   content: str | list[dict[str, Any]]
@@ -82,12 +120,12 @@ class ChatRequest(_Req):
   messages: list[ChatMessage] = Field(min_length=1)
 
 
-class LoadLoraRequest(BaseModel):
+class LoadLoraRequest(_Body):
   lora_name: str = Field(min_length=1)
   lora_path: str = Field(min_length=1)
 
 
-class UnloadLoraRequest(BaseModel):
+class UnloadLoraRequest(_Body):
   lora_name: str = Field(min_length=1)
 
 
@@ -103,6 +141,12 @@ def error_response(status: int, message: str, type_: str = "invalid_request_erro
                    param: str | None = None, code: str | None = None) -> JSONResponse:
   return JSONResponse({"error": {"message": message, "type": type_, "param": param,
                                  "code": code or str(status)}}, status_code=status)
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+  """An error's first line, truncated: never a dump of a file's contents."""
+  text = str(e).strip().splitlines()
+  return (text[0] if text else type(e).__name__)[:limit]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -187,11 +231,18 @@ class _Gen:
 
 def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
                chat_template: ChatTemplate | None = None, api_key: str | None = None,
-               adapter_loader=None) -> FastAPI:
+               adapter_loader=None, allow_runtime_lora: bool = False,
+               lora_roots: Sequence[str | os.PathLike] | None = None,
+               trust_foreign_adapters: bool = False) -> FastAPI:
   """The FastAPI app over a started :class:`AsyncEngine`.
 
   ``adapter_loader(path, name) -> Adapter`` reads adapters for ``/v1/load_lora_adapter``
-  (default: :func:`icarus_jax.peft_io.load_adapter`).
+  (default: :func:`icarus_jax.peft_io.load_adapter`). Runtime loading and unloading is off
+  unless ``allow_runtime_lora`` (``launch.serve --allow_runtime_lora``, as vLLM's
+  ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``); with ``lora_roots`` only paths inside those
+  directories load (after resolving symlinks and ``..``). ``trust_foreign_adapters``: an
+  adapter that records no base fingerprint (trained elsewhere, e.g. with HF PEFT) is taken as
+  trained on the served base; one that records another base is still refused.
   """
   engine = aengine.engine
   chat_template = chat_template or ChatTemplate(tokenizer)
@@ -203,7 +254,9 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
   if adapter_loader is None:
     from icarus_jax.peft_io import load_adapter
     kind = "icarus_lora" if engine.mode == "icarus" else "lora"
-    adapter_loader = lambda path, name: load_adapter(path, kind=kind, name=name)  # noqa: E731
+    trusted = engine.fingerprint if trust_foreign_adapters else None
+    adapter_loader = lambda path, name: load_adapter(  # noqa: E731
+        path, kind=kind, name=name, base_fingerprint=trusted)
 
   def _err(status, message, type_="invalid_request_error", param=None):
     metrics.http_errors.labels(str(status)).inc()
@@ -230,13 +283,17 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
                 else "server_error")
 
   @app.middleware("http")
-  async def _auth(request: Request, call_next):
+  async def _auth_and_guard(request: Request, call_next):
     if api_key and request.url.path.startswith("/v1"):
-      got = request.headers.get("authorization", "")
-      if not secrets.compare_digest(got.encode(), f"Bearer {api_key}".encode()):
+      got = request.headers.get("authorization", "").encode("utf-8", "replace")
+      if not secrets.compare_digest(got, f"Bearer {api_key}".encode()):
         return _err(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
                     "authentication_error")
-    return await call_next(request)
+    try:
+      return await call_next(request)
+    except Exception as e:  # noqa: BLE001 - a bug answers 500 in OpenAI form; the connection
+      log.exception("unhandled error on %s", request.url.path)  # stays usable
+      return _err(500, f"internal server error: {type(e).__name__}", "server_error")
 
   # -------------------------------------------------------------- helpers
   def resolve_model(name: str) -> str | None:
@@ -253,7 +310,8 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
     eos = getattr(tokenizer, "eos_id", None)
     if not req.ignore_eos and eos is not None:
       stop_ids.append(eos)
-    seed = (req.seed if req.seed is not None else secrets.randbits(31)) + index
+    # Any int64 seed is accepted (as vLLM does) and folded into the sampler's 32-bit range.
+    seed = ((req.seed if req.seed is not None else secrets.randbits(31)) + index) % 2**32
     try:
       return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                             seed=seed, max_tokens=max_tokens, stop_token_ids=tuple(stop_ids))
@@ -266,6 +324,14 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
       raise APIError(400, "stop strings must be non-empty", param="stop")
     return stops
 
+  def check_unsupported(req: _Req) -> None:
+    if req.logprobs is not None and req.logprobs is not False:
+      raise APIError(400, "logprobs are not supported by this server yet; omit 'logprobs' (and "
+                          "'top_logprobs')", param="logprobs")
+    if req.top_logprobs not in (None, 0):
+      raise APIError(400, "top_logprobs is not supported by this server yet; omit it",
+                     param="top_logprobs")
+
   async def start(req: _Req, prompt_ids: list[int], adapter: str | None,
                   request: Request) -> list[_Gen]:
     tenant = req.cache_salt or request.headers.get("x-cache-salt")
@@ -274,6 +340,9 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
       for i in range(req.n):
         rid, q = await aengine.submit(prompt_ids, adapter, sampling_for(req, i), tenant=tenant)
         gens.append(_Gen(i, rid, q))
+    except EngineDeadError as e:
+      raise APIError(503, f"the engine is not running ({e}); the server must be restarted",
+                     "server_error") from None
     except UnknownAdapterError:
       for g in gens:
         aengine.abort(g.rid)
@@ -349,7 +418,15 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
   async def run_request(req: _Req, prompt_ids: list[int], request: Request, *, chat: bool,
                         echo_text: str = ""):
     adapter = resolve_model(req.model)
+    check_unsupported(req)
     stops = stop_strings(req)
+    max_tokens = req.max_completion_tokens or req.max_tokens or 16
+    if prompt_ids and len(prompt_ids) + max_tokens > engine.max_seq_len:
+      raise APIError(400, f"This model's maximum context length is {engine.max_seq_len} tokens. "
+                          f"However, you requested {len(prompt_ids) + max_tokens} tokens "
+                          f"({len(prompt_ids)} in the prompt, {max_tokens} in the completion). "
+                          f"Please reduce the prompt or max_tokens.", param="max_tokens",
+                     code="context_length_exceeded")
     gens = await start(req, prompt_ids, adapter, request)
     rid_str = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     obj = "chat.completion" if chat else "text_completion"
@@ -449,7 +526,8 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
   @app.get("/health")
   async def health():
     if not aengine.alive:
-      return _err(503, "engine thread is not running", "server_error")
+      return _err(503, f"engine thread is not running: {aengine.dead_reason or 'not started'}",
+                  "server_error")
     return {"status": "ok"}
 
   @app.get("/metrics")
@@ -491,20 +569,43 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
       raise APIError(400, str(e), param="messages") from None
     return await run_request(req, ids, request, chat=True)
 
+  roots = [Path(r).resolve() for r in (lora_roots or [])]
+
+  def check_runtime_lora() -> None:
+    if not allow_runtime_lora:
+      raise APIError(403, "runtime adapter loading is disabled on this server; start it with "
+                          "--allow_runtime_lora (and --lora_roots=DIR,... to confine paths)",
+                     "permission_error")
+
+  def allowed_path(path: str) -> Path:
+    p = Path(path).expanduser().resolve()
+    if roots and not any(p == r or r in p.parents for r in roots):
+      raise APIError(403, f"lora_path {path!r} is outside the allowed adapter roots "
+                          f"{[str(r) for r in roots]}", "permission_error", "lora_path")
+    return p
+
   @app.post("/v1/load_lora_adapter")
   async def load_lora(req: LoadLoraRequest):
+    check_runtime_lora()
     if req.lora_name == base_name:
       raise APIError(400, f"{req.lora_name!r} is the base model's name", param="lora_name")
+    path = allowed_path(req.lora_path)
     try:
-      adapter = await asyncio.to_thread(adapter_loader, req.lora_path, req.lora_name)
+      adapter = await asyncio.to_thread(adapter_loader, str(path), req.lora_name)
       await aengine.acall(lambda e: e.add_adapter(adapter, req.lora_name))
-    except (IcarusError, OSError) as e:
-      raise APIError(400, f"cannot load adapter {req.lora_name!r} from {req.lora_path}: {e}",
-                     param="lora_path") from None
+    except EngineDeadError as e:
+      raise APIError(503, f"the engine is not running ({e})", "server_error") from None
+    except OSError as e:  # the reason only (no file contents), e.g. "No such file or directory"
+      raise APIError(400, f"cannot load adapter {req.lora_name!r} from {req.lora_path}: "
+                          f"{e.strerror or type(e).__name__}", param="lora_path") from None
+    except (IcarusError, ValueError, KeyError) as e:
+      raise APIError(400, f"cannot load adapter {req.lora_name!r} from {req.lora_path}: "
+                          f"{_first_line(e)}", param="lora_path") from None
     return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
   @app.post("/v1/unload_lora_adapter")
   async def unload_lora(req: UnloadLoraRequest):
+    check_runtime_lora()
     try:
       await aengine.acall(lambda e: e.remove_adapter(req.lora_name))
     except UnknownAdapterError:

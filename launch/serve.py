@@ -44,6 +44,13 @@ flags.DEFINE_string("host", "127.0.0.1", "Bind address.")
 flags.DEFINE_integer("port", 8000, "Port.")
 flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer <key>' on /v1 routes.")
 flags.DEFINE_string("log_level", "info", "uvicorn log level.")
+flags.DEFINE_bool("allow_runtime_lora", False, "Enable /v1/load_lora_adapter and "
+                  "/v1/unload_lora_adapter (off by default: they read server paths).")
+flags.DEFINE_bool("trust_foreign_adapters", False, "Serve adapters that record no base "
+                  "fingerprint (trained elsewhere, e.g. HF PEFT) as trained on this base; ones that "
+                  "record another base are still refused.")
+flags.DEFINE_list("lora_roots", None, "With --allow_runtime_lora: only adapter paths inside these "
+                  "directories load.")
 
 
 def adapter_dirs(paths) -> list[Path]:
@@ -90,7 +97,8 @@ def build(argv_flags=FLAGS):
       else [])
   for d in adapter_dirs(paths):
     try:
-      ad = load_adapter(d, kind=kind, name=d.name)
+      ad = load_adapter(d, kind=kind, name=d.name,
+                        base_fingerprint=engine.fingerprint if f.trust_foreign_adapters else None)
       engine.add_adapter(ad, d.name)
       logging.info("loaded adapter %s", d.name)
     except IcarusError as e:
@@ -101,7 +109,9 @@ def build(argv_flags=FLAGS):
   aengine = AsyncEngine(engine).start()
   api_key = f.api_key or os.environ.get("ICARUS_API_KEY") or None
   return aengine, create_app(aengine, tokenizer, base_name=f.base_name, chat_template=chat,
-                             api_key=api_key)
+                             api_key=api_key, allow_runtime_lora=f.allow_runtime_lora,
+                             lora_roots=f.lora_roots,
+                             trust_foreign_adapters=f.trust_foreign_adapters)
 
 
 def main(_):

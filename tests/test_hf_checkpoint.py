@@ -50,4 +50,5 @@ def test_load_in_bfloat16():
   assert params["layers"]["q"].dtype.name == "bfloat16"
   ref = np.load(HF_FIXTURES / "llama" / "parity.npz")
   logits = np.asarray(forward(cfg, params, ref["tokens"]))
-  assert np.abs(logits - ref["logits"]).max() < 0.15  # bf16 weights: loose but real
+  # bf16 weights against transformers' float32 logits: observed max |diff| 0.0266; 0.06 is ~2x
+  assert np.abs(logits - ref["logits"]).max() < 0.06

@@ -30,38 +30,35 @@ def test_zero_adapter_reproduces_base(tiny, rng, kind):
   assert _greedy(cfg, params, ad, prompt, 6) == _greedy(cfg, params, None, prompt, 6)
 
 
-def test_kv_is_bitwise_identical_whatever_adapter_reads_it(tiny, tiny_adapters, rng):
-  """Serve the same token stream with each adapter (encode/decode interleaved, teacher-forced):
-  the caches are bit-identical, and equal to the plain base model's own cache; decode differs."""
+def test_one_cache_serves_every_adapter_and_the_base_model_writes_the_same_bits(tiny,
+                                                                             tiny_adapters, rng):
+  """Teacher-forced serving, encode/decode interleaved: the cache the ICaRus encoder writes
+  equals, bit for bit, the cache the plain base model writes for itself (a conventional forward
+  with a cache), and the adapters decoding over that one cache predict differently.
+
+  (That the pages are bitwise equal *whichever adapter is served* is shown where an adapter can
+  reach the K/V path, the engine's fused step: ``tests/test_hardening.py::
+  test_engine_fused_step_writes_bitwise_equal_kv_for_every_adapter``.)
+  """
   cfg, params = tiny
   toks = rng.randint(0, cfg.vocab_size, (2, 20))
-  pos = lambda t: np.full((2, 1), t, np.int32)
-  caches, logits = [], []
-  for ad in [None] + list(tiny_adapters):
-    cache = init_cache(cfg, 2, 24)
-    outs = []
-    for t in range(toks.shape[1]):
-      cache = encode(cfg, params, toks[:, t:t + 1], positions=pos(t), cache=cache)
-      outs.append(decode(cfg, params, ad, toks[:, t:t + 1], cache, positions=pos(t)))
-    caches.append(jax.tree.map(np.asarray, cache))
-    logits.append(np.concatenate([np.asarray(o) for o in outs], axis=1))
-  for c in caches[1:]:
-    np.testing.assert_array_equal(c["k"], caches[0]["k"])
-    np.testing.assert_array_equal(c["v"], caches[0]["v"])
-  # The plain base model writing its own cache produces the same bits.
-  _, own = forward_with_cache(cfg, params, toks[:, :1], init_cache(cfg, 2, 24), positions=pos(0))
-  np.testing.assert_array_equal(np.asarray(own["k"])[:, :, 0], caches[0]["k"][:, :, 0])
-  # Full-sequence encode is deterministic: same bits every call.
-  kv1, kv2 = encode(cfg, params, toks), encode(cfg, params, toks)
-  np.testing.assert_array_equal(np.asarray(kv1["k"]), np.asarray(kv2["k"]))
-  # Three adapters -> three different predictions on the same cache.
-  for i in range(1, 4):
-    for j in range(i + 1, 4):
-      assert np.abs(logits[i] - logits[j]).max() > 1e-2
-  kv = encode(cfg, params, toks)
-  outs = [np.asarray(decode(cfg, params, ad, toks, kv)) for ad in tiny_adapters]
-  assert len({int(np.argmax(o[0, -1])) for o in outs} | {0}) >= 2 or \
-      min(np.abs(outs[a] - outs[b]).max() for a in range(3) for b in range(a + 1, 3)) > 1e-2
+  pos = lambda t: np.full((2, 1), t, np.int32)  # noqa: E731
+  cache = init_cache(cfg, 2, 24)
+  own = init_cache(cfg, 2, 24)
+  logits = {i: [] for i in range(len(tiny_adapters))}
+  for t in range(toks.shape[1]):
+    cache = encode(cfg, params, toks[:, t:t + 1], positions=pos(t), cache=cache)
+    _, own = forward_with_cache(cfg, params, toks[:, t:t + 1], own, positions=pos(t))
+    for i, ad in enumerate(tiny_adapters):
+      logits[i].append(np.asarray(decode(cfg, params, ad, toks[:, t:t + 1], cache,
+                                         positions=pos(t))))
+  np.testing.assert_array_equal(np.asarray(own["k"]), np.asarray(cache["k"]))
+  np.testing.assert_array_equal(np.asarray(own["v"]), np.asarray(cache["v"]))
+  outs = [np.concatenate(v, axis=1) for v in logits.values()]
+  for i in range(len(outs)):
+    for j in range(i + 1, len(outs)):
+      # observed pairwise max |diff| >= 0.5 with b_std 0.05; a shared or ignored adapter gives 0
+      assert np.abs(outs[i] - outs[j]).max() > 0.1
 
 
 def test_decoder_at_t_depends_only_on_token_t_and_the_cache(tiny, tiny_adapters, rng):

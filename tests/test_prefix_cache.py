@@ -1,0 +1,131 @@
+"""Direct unit tests of the host-side bookkeeping: the page allocator and the prefix cache.
+
+The oracle is hand-worked expectations on tiny trees (page size 4), not the engine.
+"""
+
+import pytest
+
+from icarus_jax.errors import IcarusError
+from icarus_jax.page_allocator import NULL_PAGE, PageAllocator
+from icarus_jax.prefix_cache import PrefixCache
+
+PS = 4
+
+
+def make(num_pages=16):
+  alloc = PageAllocator(num_pages)
+  return alloc, PrefixCache(PS, alloc)
+
+
+def own(alloc, cache, ns, tokens):
+  """A sequence computes ``tokens`` on fresh pages, caches them and finishes (drops its refs)."""
+  pages = alloc.allocate(-(-len(tokens) // PS))
+  cache.insert(ns, tokens, pages, include_partial=True)
+  zero = alloc.decref(pages)
+  alloc.free([p for p in zero if not cache.is_cached(p)])
+  return pages
+
+
+# ------------------------------------------------------------------- allocator
+
+def test_allocator_hands_out_pages_never_the_null_page_and_refuses_misuse():
+  alloc = PageAllocator(5)
+  assert alloc.capacity == 4 and alloc.num_free == 4
+  pages = alloc.allocate(4)
+  assert sorted(pages) == [1, 2, 3, 4] and NULL_PAGE not in pages
+  with pytest.raises(IcarusError, match="out of KV pages: asked for 1, 0 free"):
+    alloc.allocate(1)
+  alloc.incref([pages[0]])
+  assert alloc.decref([pages[0]]) == []          # 2 -> 1: not zero yet
+  assert alloc.decref([pages[0]]) == [pages[0]]  # 1 -> 0
+  alloc.free([pages[0]])
+  with pytest.raises(AssertionError, match="cannot free page"):
+    alloc.free([pages[0]])                        # double free
+  with pytest.raises(AssertionError, match="went negative"):
+    alloc.decref([pages[0]])
+  with pytest.raises(AssertionError, match="cannot free page"):
+    alloc.free([pages[1]])                        # still referenced
+  with pytest.raises(AssertionError, match="incref of free/null page"):
+    alloc.incref([NULL_PAGE])
+  with pytest.raises(IcarusError, match="num_pages must be >= 2"):
+    PageAllocator(1)
+
+
+# ------------------------------------------------------------------- match / insert
+
+def test_match_full_pages_then_a_partial_page():
+  alloc, cache = make()
+  toks = list(range(10))                          # pages: [0..3] [4..7] [8, 9]
+  pages = own(alloc, cache, "ns", toks)
+  m = cache.match("ns", toks)
+  assert m.pages == pages[:2] and m.partial_page == pages[2] and m.partial_tokens == 2
+  assert m.num_tokens(PS) == 10
+  m = cache.match("ns", toks[:6] + [99, 98])      # diverges inside page 2
+  assert m.pages == pages[:1] and m.partial_page == pages[1] and m.partial_tokens == 2
+  m = cache.match("ns", toks, max_tokens=7)       # a limit cuts the match
+  assert m.num_tokens(PS) == 7 and m.pages == pages[:1] and m.partial_tokens == 3
+  assert cache.match("other", toks).num_tokens(PS) == 0  # namespaces never share
+  assert cache.match("ns", [5, 5, 5]).num_tokens(PS) == 0
+
+
+def test_insert_without_partial_keeps_the_last_page_private():
+  alloc, cache = make()
+  pages = alloc.allocate(3)
+  assert cache.insert("ns", list(range(10)), pages, include_partial=False) == 2
+  assert cache.is_cached(pages[0]) and cache.is_cached(pages[1]) and not cache.is_cached(pages[2])
+
+
+def test_insert_stops_where_another_page_already_caches_the_tokens():
+  alloc, cache = make()
+  first = own(alloc, cache, "ns", list(range(8)))
+  other = alloc.allocate(2)  # computed concurrently, same tokens
+  assert cache.insert("ns", list(range(8)), other, include_partial=True) == 0
+  assert not cache.is_cached(other[0]) and cache.match("ns", list(range(8))).pages == first
+
+
+# ------------------------------------------------------------------- eviction
+
+def test_eviction_is_lru_and_leaves_first():
+  alloc, cache = make()
+  a = own(alloc, cache, "ns", [1, 1, 1, 1, 2, 2, 2, 2])   # chain a0 -> a1
+  b = own(alloc, cache, "ns", [3, 3, 3, 3])               # single node, newer
+  cache.match("ns", [1, 1, 1, 1, 2, 2, 2, 2])             # touch a: b is now least recent
+  assert cache.evict(1) == 1
+  assert not cache.is_cached(b[0]) and cache.is_cached(a[0]) and cache.is_cached(a[1])
+  assert cache.evict(1) == 1                              # a's leaf before its parent
+  assert cache.is_cached(a[0]) and not cache.is_cached(a[1])
+  assert cache.evict(5) == 1 and cache.num_cached_pages == 0
+  assert alloc.num_free == alloc.capacity
+
+
+def test_referenced_pages_and_their_ancestors_are_never_evicted():
+  alloc, cache = make()
+  a = own(alloc, cache, "ns", list(range(12)))            # a0 -> a1 -> a2
+  alloc.incref([a[0], a[1]])                              # a running sequence holds a0, a1
+  assert cache.num_unreferenced() == 1 and cache.num_evictable() == 1
+  assert cache.evict(3) == 1                              # only the leaf a2
+  assert cache.is_cached(a[0]) and cache.is_cached(a[1])
+  alloc.decref([a[0], a[1]])
+  assert cache.flush() == 2
+
+
+def test_tenants_under_eviction_pressure_keep_separate_trees():
+  alloc, cache = make(num_pages=7)
+  t1 = own(alloc, cache, ("fp", "t1"), list(range(8)))
+  t2 = own(alloc, cache, ("fp", "t2"), list(range(8)))    # same tokens, other tenant
+  assert set(t1).isdisjoint(t2)
+  cache.match(("fp", "t2"), list(range(8)))               # t2 recently used
+  cache.evict(2)                                          # pressure: t1's chain goes
+  assert cache.match(("fp", "t1"), list(range(8))).num_tokens(PS) == 0
+  assert cache.match(("fp", "t2"), list(range(8))).pages == t2
+
+
+def test_drop_namespace_frees_only_that_namespace_and_keeps_held_pages():
+  alloc, cache = make()
+  a = own(alloc, cache, "a", list(range(8)))
+  b = own(alloc, cache, "b", list(range(8)))
+  alloc.incref([a[0]])                                    # still read by a running sequence
+  assert cache.drop_namespace("a") == 1                   # a[1] freed, a[0] kept
+  assert cache.is_cached(a[0]) and not cache.is_cached(a[1]) and alloc.is_free(a[1])
+  assert cache.match("b", list(range(8))).pages == b
+  assert cache.drop_namespace("missing") == 0
