@@ -221,9 +221,23 @@ class Engine:
     self._order = itertools.count()
     self.stats = EngineStats()
     self.shapes_seen: set[tuple] = set()
-    self.mesh = None  # set by sharding.shard_engine
+    self.mesh = None  # set by sharding.shard_engine (through set_mesh)
+    self._step_attn = self._attn_fn
 
   # ------------------------------------------------------------------------------ adapters
+  def set_mesh(self, mesh, kv_axis: str | None) -> None:
+    """Declares that base, pool and pages now live on ``mesh`` (``sharding.shard_engine``).
+
+    Batch metadata is then placed over the ``data`` axis; with the Pallas backend the attention
+    runs per device over its KV heads (``engine_steps.ShardedAttention`` on ``kv_axis``), which
+    GSPMD could not do for a custom call. The reference backend is partitioned by GSPMD.
+    """
+    self.mesh = mesh
+    self._step_attn = self._attn_fn
+    if mesh is not None and kv_axis is not None and self.attention_backend == "pallas" \
+        and mesh.shape[kv_axis] > 1:
+      self._step_attn = engine_steps.ShardedAttention(self._attn_fn, mesh, kv_axis)
+
   def add_adapter(self, adapter: Adapter, name: str | None = None) -> None:
     """Registers ``adapter`` under ``name`` (default: its own). Checks gate and fingerprint."""
     name = name or adapter.name
@@ -442,14 +456,14 @@ class Engine:
     if self.mode == "icarus":
       logits, self.pages = engine_steps.icarus_step(
           self.cfg, self.base, self.pool.weights, self.pages, tokens, positions, valid, table,
-          dec_token, dec_pos, slots, attn_fn=self._attn_fn)
+          dec_token, dec_pos, slots, attn_fn=self._step_attn)
     else:
       last_idx = np.array([max(len(r[1]) - 1, 0) for r in rows] + [0] * (B - n), np.int32)
       if mesh is not None:
         (last_idx,) = place_batch(mesh, B, last_idx)
       logits, self.pages = engine_steps.conventional_step(
           self.cfg, self.base, self.pool.weights, self.pages, tokens, positions, valid, table,
-          last_idx, slots, attn_fn=self._attn_fn)
+          last_idx, slots, attn_fn=self._step_attn)
     return logits[:n]
 
   def _pick_tokens(self, seqs: list[_Seq], logits) -> list[int]:
@@ -713,8 +727,8 @@ class Engine:
 
     Runs the jitted serving step (``icarus_step``, or ``conventional_step`` in isolated mode)
     over the prompt in prefill chunks of the engine's bucket shapes, into a scratch pool (the
-    live pool and cache are untouched), and returns ``[L, len(prompt), 2K, hd]`` (K heads then V
-    heads). In ICaRus mode the result is bitwise the same for every adapter and the base (the
+    live pool and cache are untouched), and returns ``[L, len(prompt), 2K, hd]`` (K and V interleaved
+    per kv head). In ICaRus mode the result is bitwise the same for every adapter and the base (the
     encoder stream never sees an adapter); in isolated mode each adapter writes its own K/V.
     Same shapes are used for every adapter, so bitwise comparison is meaningful: K/V may differ
     in the last bits when batch composition or chunking differ (docs/engine.md).
@@ -749,12 +763,12 @@ class Engine:
       if self.mode == "icarus":
         _, pages = engine_steps.icarus_step(cfg, self.base, self.pool.weights, pages, tokens,
                                             positions, valid, table, tokens[:, k - 1],
-                                            positions[:, k - 1], slots, attn_fn=self._attn_fn)
+                                            positions[:, k - 1], slots, attn_fn=self._step_attn)
       else:
         _, pages = engine_steps.conventional_step(cfg, self.base, self.pool.weights, pages,
                                                   tokens, positions, valid, table,
                                                   np.array([k - 1], np.int32), slots,
-                                                  attn_fn=self._attn_fn)
+                                                  attn_fn=self._step_attn)
     kv = np.asarray(pages)[:, 1:].reshape(cfg.num_layers, n_pages * ps, 2 * cfg.num_kv_heads,
                                           cfg.head_dim)
     return kv[:, :len(ids)]

@@ -1,7 +1,9 @@
 """Jitted serving steps over the paged KV pool. Pure functions of (base, adapter pool, pages, batch).
 
-Pool layout: ``pages [L, P, page_size, 2 * K, hd]``: for each layer and page, the K heads
-(``[..., :K, :]``) then the V heads (``[..., K:, :]``) of ``page_size`` consecutive positions.
+Pool layout: ``pages [L, P, page_size, 2 * K, hd]``: for each layer and page, the K and V of
+``page_size`` consecutive positions, interleaved per kv head (``[..., 2k, :]`` is K and
+``[..., 2k + 1, :]`` V of kv head ``k``), so a split of axis 3 over the mesh's ``model`` axis
+keeps each head's K and V on the device that holds its query heads.
 Page 0 is the null page: page tables are padded with it and no query reads it unmasked;
 padding tokens write nowhere.
 
@@ -30,10 +32,13 @@ plus the decoder row.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 from icarus_jax.config import ModelConfig
 from icarus_jax.model import (_lora_delta, apply_rope, embed, head, layer_kv, layer_out,
@@ -67,7 +72,8 @@ def write_kv(pool: jax.Array, k: jax.Array, v: jax.Array, table: jax.Array,
   logical = jnp.clip(positions // ps, 0, table.shape[1] - 1)
   pidx = jnp.take_along_axis(table, logical, axis=1)
   pidx = jnp.where(valid, pidx, pool.shape[0])  # out of bounds: dropped
-  kv = jnp.concatenate([k, v], axis=2).astype(pool.dtype)
+  B, T, K, hd = k.shape
+  kv = jnp.stack([k, v], axis=3).reshape(B, T, 2 * K, hd).astype(pool.dtype)  # interleaved
   return pool.at[pidx, positions % ps].set(kv, mode="drop")
 
 
@@ -90,6 +96,29 @@ def paged_attention_pallas(q, pool, table, q_pos, *, sliding_window=None):
   """
   return paged_attention(q, pool, table, q_pos, sliding_window=sliding_window,
                          q_block=min(q.shape[1], 16))
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedAttention:
+  """``attn_fn`` run on each device over its own KV heads (``jax.shard_map``).
+
+  q ``[B, T, H, hd]`` is split on its heads and the flat pool ``[L * P, ps, 2K, hd]`` on its
+  interleaved K/V axis over mesh axis ``axis``, so device ``d`` holds query heads
+  ``[d * H/m, (d+1) * H/m)`` and exactly the K/V pairs of their kv heads; page tables and
+  positions are replicated. Each device calls the kernel on its shard: no pool data moves
+  between devices (GSPMD cannot partition a Pallas custom call and would gather the pool).
+  Frozen and hashable, so it is a valid static argument of the jitted steps.
+  """
+
+  attn_fn: Callable
+  mesh: Mesh
+  axis: str
+
+  def __call__(self, q, pool, table, q_pos, *, sliding_window=None):
+    heads = P(None, None, self.axis, None)
+    f = functools.partial(self.attn_fn, sliding_window=sliding_window)
+    return jax.shard_map(f, mesh=self.mesh, in_specs=(heads, heads, P(), P()), out_specs=heads,
+                         check_vma=False)(q, pool, table, q_pos)
 
 
 def _proj_dec(x, w, bias, lora, rows, T):

@@ -126,7 +126,7 @@ def shard_engine(engine, mesh: Mesh, rules=None):
   engine.pool.weights = jax.device_put(engine.pool.weights,
                                        shardings(pool_logical_axes(engine.pool.weights), mesh, rules))
   engine.pages = jax.device_put(engine.pages, NamedSharding(mesh, _spec(PAGES_AXES, rules)))
-  engine.mesh = mesh
+  engine.set_mesh(mesh, rules.get("kv_heads"))
   return engine
 
 

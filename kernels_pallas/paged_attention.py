@@ -8,7 +8,8 @@ Shapes (B batch rows, T query tokens per row, H query heads, K kv heads, G = H /
 P pool pages, ps page_size, N logical pages per row):
 
   q           ``[B, T, H, hd]``   queries, RoPE applied; f32 or bf16
-  pages       ``[P, ps, 2K, hd]`` one layer of the pool: K heads ``[..., :K, :]``, then V heads
+  pages       ``[P, ps, 2K, hd]`` pages of the pool; K and V interleaved per kv head:
+                                  ``[..., 2k, :]`` is K, ``[..., 2k + 1, :]`` V of head ``k``
   page_table  ``[B, N]`` int32   pool page of each logical page of the row
   q_pos       ``[B, T]`` int32   position of each query; ``-1`` marks a padding query (output 0)
 
@@ -78,7 +79,7 @@ def paged_attention_reference(q: jax.Array, pages: jax.Array, page_table: jax.Ar
     vis &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
   used = jnp.any(vis, axis=1)  # [B, S]
   kv = jnp.where(used[:, :, None, None], kv, 0)
-  k, v = kv[:, :, :K], kv[:, :, K:]
+  k, v = kv[:, :, 0::2], kv[:, :, 1::2]  # interleaved: K_0, V_0, K_1, V_1, ...
   qg = q.reshape(B, T, K, H // K, hd)
   s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
   vis_b = vis[:, None, None]
@@ -204,8 +205,8 @@ def _gpu_kernel(pos_ref, q_ref, bounds_ref, pt_ref, pages_ref, o_ref, m_ref, l_r
 
   def load_chunk(c):
     pidx = pt_ref[pl.ds(c * pages_per_chunk, pages_per_chunk)]
-    k = pages_ref[pidx, :, kh, :]
-    v = pages_ref[pidx, :, num_kv_heads + kh, :]
+    k = pages_ref[pidx, :, 2 * kh, :]  # K and V of a kv head are interleaved
+    v = pages_ref[pidx, :, 2 * kh + 1, :]
     return k.reshape(C, hd), v.reshape(C, hd)
 
   _page_loop(load_chunk, c_lo, c_hi, lo_tok, hi_tok, q_ref, pos_ref, o_ref, m_ref, l_ref,
@@ -265,9 +266,9 @@ def _tpu_kernel(pt_sref, bounds_sref, pos_ref, q_ref, pages_hbm, o_ref, m_ref, l
     out = []
     for i in range(pages_per_chunk):
       pidx = pt_sref[pt_row + c * pages_per_chunk + i]
-      out.append(pltpu.make_async_copy(pages_hbm.at[pidx, :, kh], k_buf.at[slot, i],
+      out.append(pltpu.make_async_copy(pages_hbm.at[pidx, :, 2 * kh], k_buf.at[slot, i],
                                        sem.at[0, slot]))
-      out.append(pltpu.make_async_copy(pages_hbm.at[pidx, :, num_kv_heads + kh],
+      out.append(pltpu.make_async_copy(pages_hbm.at[pidx, :, 2 * kh + 1],
                                        v_buf.at[slot, i], sem.at[1, slot]))
     return out
 
@@ -343,7 +344,7 @@ def _validate(q, pages, page_table, q_pos, sliding_window, q_block, pages_per_ch
   if phd != hd:
     raise ValueError(f"pages head_dim {phd} != q head_dim {hd}")
   if K2 % 2:
-    raise ValueError(f"pages axis 2 holds K then V heads and must be even; got {K2}")
+    raise ValueError(f"pages axis 2 holds K and V of each kv head and must be even; got {K2}")
   if H % (K2 // 2):
     raise ValueError(f"q heads {H} must be a multiple of the kv heads {K2 // 2} (GQA)")
   if q.dtype != pages.dtype:

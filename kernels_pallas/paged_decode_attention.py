@@ -41,8 +41,8 @@ def paged_decode_attention_reference(q: jax.Array, pages: jax.Array, page_table:
   if sliding_window is not None:
     visible &= k_pos >= lengths[:, None] - sliding_window
   kv = jnp.where(visible[:, :, None, None], kv, 0)  # NaN in pages nobody may read stays out
-  k = kv[:, :, :K].astype(jnp.float32)
-  v = kv[:, :, K:].astype(jnp.float32)
+  k = kv[:, :, 0::2].astype(jnp.float32)  # K and V interleaved per kv head
+  v = kv[:, :, 1::2].astype(jnp.float32)
   qg = q.astype(jnp.float32).reshape(B, S, K, H // K, hd)
   logits = jnp.einsum("bskgd,bnkd->bskgn", qg, k) / math.sqrt(hd)
   logits = jnp.where(visible[:, None, None, None], logits, -jnp.inf)
@@ -62,8 +62,8 @@ def paged_decode_attention(q: jax.Array, pages: jax.Array, page_table: jax.Array
 
   Args:
     q: ``[batch, streams, heads, head_dim]`` f32/bf16/f16 queries, RoPE applied.
-    pages: ``[num_pages, page_size, 2 * kv_heads, head_dim]`` one layer of the pool (K heads then
-      V heads), same dtype as q.
+    pages: ``[num_pages, page_size, 2 * kv_heads, head_dim]`` one layer of the pool (K and V
+      interleaved per kv head: ``2k`` is K, ``2k + 1`` is V of head ``k``), same dtype as q.
     page_table: ``[batch, pages_per_seq]`` int pool pages of each sequence.
     lengths: ``[batch]`` int number of cached tokens of each sequence (the current token
       included); every stream of the row sees keys ``[0, length)``.

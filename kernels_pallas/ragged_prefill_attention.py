@@ -49,8 +49,8 @@ def ragged_paged_prefill_attention_reference(q: jax.Array, pages: jax.Array,
   if sliding_window is not None:
     visible &= k_pos > pos[:, None] - sliding_window
   kv = jnp.where(visible[:, :, None, None], kv, 0)
-  k = kv[:, :, :K].astype(jnp.float32)
-  v = kv[:, :, K:].astype(jnp.float32)
+  k = kv[:, :, 0::2].astype(jnp.float32)  # K and V interleaved per kv head
+  v = kv[:, :, 1::2].astype(jnp.float32)
   qg = q.astype(jnp.float32).reshape(Tt, K, H // K, hd)
   logits = jnp.einsum("tkgd,tnkd->tkgn", qg, k) / math.sqrt(hd)
   logits = jnp.where(visible[:, None, None], logits, -jnp.inf)

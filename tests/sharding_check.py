@@ -22,7 +22,7 @@ from icarus_jax.sharding import make_mesh, shard_base, shard_engine  # noqa: E40
 from icarus_jax.training import TrainConfig, init_trainable, make_optimizer, train_step  # noqa: E402
 
 
-def pool_growth(cfg, e, mesh):
+def pool_growth(cfg, e, mesh, attn=None):
   """Sharded fused decode step lowered for 256 and 16,384 pages (shapes only): temp bytes per
   device and pool-shaped copies / all-gathers in the compiled HLO (in place: none)."""
   import re
@@ -36,7 +36,7 @@ def pool_growth(cfg, e, mesh):
                                  sharding=NamedSharding(mesh, _spec(PAGES_AXES, load_rules())))
     c = engine_steps.icarus_step.lower(cfg, e.base, e.pool.weights, pages, i32(4, 1), i32(4, 1),
                                        jax.ShapeDtypeStruct((4, 1), jnp.bool_), i32(4, 4), i32(4),
-                                       i32(4), i32(4)).compile()
+                                       i32(4), i32(4), attn_fn=attn).compile()
     temps.append(c.memory_analysis().temp_size_in_bytes)
     pat = re.compile(r"\[(%d,%d|%d),8," % (cfg.num_layers, P, cfg.num_layers * P))
     bad += sum(1 for l in c.as_text().splitlines()
@@ -55,13 +55,16 @@ def main():
   prompts = [list(rng.randint(0, 256, n)) for n in (5, 13, 21, 30)]
   names = [None, "a0", "a1", "a2"]
 
-  def engine():
-    e = Engine(cfg, base, mode="icarus", num_pages=32, page_size=8, max_batch=4, prefill_chunk=16)
+  def engine(backend="reference"):
+    e = Engine(cfg, base, mode="icarus", num_pages=32, page_size=8, max_batch=4, prefill_chunk=16,
+               attention_backend=backend)
     for a in ads:
       e.add_adapter(a)
     return e
 
   ref = [o.output_tokens for o in engine().generate(prompts, names, SamplingParams(max_tokens=6))]
+  ref_p = [o.output_tokens for o in engine("pallas").generate(prompts, names,
+                                                               SamplingParams(max_tokens=6))]
   # one step's logits, unsharded
   e0 = engine()
   args = (np.array([[3, 4, 5, 6]], np.int32), np.array([[0, 1, 2, 3]], np.int32),
@@ -80,6 +83,8 @@ def main():
     mesh = make_mesh(spec)
     e = shard_engine(engine(), mesh)
     got = [o.output_tokens for o in e.generate(prompts, names, SamplingParams(max_tokens=6))]
+    ep = shard_engine(engine("pallas"), mesh)
+    got_p = [o.output_tokens for o in ep.generate(prompts, names, SamplingParams(max_tokens=6))]
     e1 = shard_engine(engine(), mesh)
     l1, pages = engine_steps.icarus_step(cfg, e1.base, e1.pool.weights, e1.pages, *args)
     sb = shard_base(cfg, base, mesh)
@@ -98,6 +103,9 @@ def main():
         "pages_devices": len(e.pages.sharding.device_set),
         "pool_sharding": str(e.pool.weights["layers"]["q"]["b"].sharding.spec),
         **pool_growth(cfg, e, mesh),
+        "pallas_tokens_equal": got_p == ref_p,
+        "pallas_sharded_attention": type(ep._step_attn).__name__,
+        "pallas": pool_growth(cfg, ep, mesh, ep._step_attn),
     }
   try:
     make_mesh("data:4,model:4")

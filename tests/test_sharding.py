@@ -42,6 +42,13 @@ def test_sharded_steps_equal_unsharded(sharded, spec):
   # when the pool grows 64x (observed growth: 0 bytes).
   assert r["pool_copies"] == 0
   assert abs(r["pool_temp_growth_bytes"]) < 0.01 * r["large_pool_bytes"]
+  # The Pallas backend: shard_map over KV heads when the model axis is > 1, same tokens as the
+  # unsharded Pallas engine, and in place as well (no pool gathered to one device).
+  assert r["pallas_tokens_equal"]
+  assert r["pallas"]["pool_copies"] == 0
+  assert abs(r["pallas"]["pool_temp_growth_bytes"]) < 0.01 * r["large_pool_bytes"]
+  if spec != "data:8,model:1":
+    assert r["pallas_sharded_attention"] == "ShardedAttention"
   if spec != "data:8,model:1":                   # really sharded over the model axis
     assert not r["q_weight_replicated"]
     assert "model" in r["q_weight_sharding"] and "model" in r["pages_sharding"]
