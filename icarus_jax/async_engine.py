@@ -215,15 +215,5 @@ class AsyncEngine:
       self._take_snapshot()
 
   def _take_snapshot(self) -> None:
-    eng = self.engine
-    st = eng.stats
-    self._snapshot = dict(
-        time=time.time(), running=len(eng.running), waiting=len(eng.waiting),
-        pages_used=eng.pages_used(), pages_free=eng.alloc.num_free,
-        pages_capacity=eng.alloc.capacity, pages_cached_idle=eng.cache.num_unreferenced(),
-        preemptions=st.preemptions, steps=st.steps, prompt_tokens=st.prompt_tokens,
-        cached_prompt_tokens=st.cached_prompt_tokens,
-        prefill_tokens_computed=st.prefill_tokens_computed, decode_tokens=st.decode_tokens,
-        per_adapter={k: dict(v) for k, v in st.per_adapter.items()},
-        adapters=list(eng.adapter_names), step_errors=self.step_errors,
-        isolated_faults=st.isolated_faults, dead_reason=self.dead_reason)
+    self._snapshot = dict(self.engine.snapshot(), time=time.time(),
+                          step_errors=self.step_errors, dead_reason=self.dead_reason)

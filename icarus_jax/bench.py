@@ -90,6 +90,7 @@ def run_workflows(engine: Engine, workflows: list[Workflow], model_names: list[s
   m = compute_metrics(records, duration)
   m.update(workflow_metrics(list(wf_done.values()), duration))
   st = engine.stats
+  snap = engine.snapshot()
   m.update({
       "failed_workflows": len(wf_failed),
       "prefix_hit_rate": st.hit_rate(),
@@ -97,8 +98,8 @@ def run_workflows(engine: Engine, workflows: list[Workflow], model_names: list[s
       "prompt_tokens": st.prompt_tokens,
       "cached_prompt_tokens": st.cached_prompt_tokens,
       "peak_kv_bytes": st.peak_pages_used * engine.bytes_per_page(),
-      "kv_budget_bytes": engine.alloc.capacity * engine.bytes_per_page(),
-      "pages_evicted": engine.cache.evicted_pages,
+      "kv_budget_bytes": snap["pages_capacity"] * snap["bytes_per_page"],
+      "pages_evicted": snap["pages_evicted"],
       "preemptions": st.preemptions,
       "engine_steps": st.steps,
   })

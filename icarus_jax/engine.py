@@ -700,6 +700,21 @@ class Engine:
       pass
     return [self.outputs[r] for r in rids]
 
+  def snapshot(self) -> dict:
+    """Counters and gauges as plain data (a copy): what the async loop, the server's metrics and
+    benchmarks read instead of the engine's internals."""
+    st = self.stats
+    return dict(
+        running=len(self.running), waiting=len(self.waiting), pages_used=self.pages_used(),
+        pages_free=self.alloc.num_free, pages_capacity=self.alloc.capacity,
+        pages_cached_idle=self.cache.num_unreferenced(), pages_evicted=self.cache.evicted_pages,
+        bytes_per_page=self.bytes_per_page(), preemptions=st.preemptions, steps=st.steps,
+        prompt_tokens=st.prompt_tokens, cached_prompt_tokens=st.cached_prompt_tokens,
+        prefill_tokens_computed=st.prefill_tokens_computed, decode_tokens=st.decode_tokens,
+        isolated_faults=st.isolated_faults,
+        per_adapter={k: dict(v) for k, v in st.per_adapter.items()},
+        adapters=list(self.adapter_names))
+
   def check_invariants(self) -> None:
     """Asserts the page bookkeeping is consistent (used by tests and debugging).
 

@@ -46,6 +46,7 @@ from icarus_jax.chat_template import ChatTemplate
 from icarus_jax.engine import RequestOutput, RequestTooLargeError, UnknownAdapterError
 from icarus_jax.errors import IcarusError
 from icarus_jax.sampling import SamplingParams
+from icarus_jax.stop_strings import StopStringMatcher
 
 log = logging.getLogger("icarus_jax.server")
 MAX_N = 16
@@ -221,12 +222,16 @@ class ServerMetrics:
 class _Gen:
   """One choice of a request in flight."""
 
-  def __init__(self, index: int, rid: int, queue: asyncio.Queue):
+  def __init__(self, index: int, rid: int, queue: asyncio.Queue, matcher: StopStringMatcher):
     self.index, self.rid, self.queue = index, rid, queue
     self.tokens: list[int] = []
-    self.text = ""
+    self.matcher = matcher  # incremental detokenization + stop strings
     self.finish_reason: str | None = None
     self.out: RequestOutput | None = None
+
+  @property
+  def text(self) -> str:
+    return self.matcher.text
 
 
 def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
@@ -332,14 +337,14 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
       raise APIError(400, "top_logprobs is not supported by this server yet; omit it",
                      param="top_logprobs")
 
-  async def start(req: _Req, prompt_ids: list[int], adapter: str | None,
-                  request: Request) -> list[_Gen]:
+  async def start(req: _Req, prompt_ids: list[int], adapter: str | None, request: Request,
+                  stops: list[str]) -> list[_Gen]:
     tenant = req.cache_salt or request.headers.get("x-cache-salt")
     gens: list[_Gen] = []
     try:
       for i in range(req.n):
         rid, q = await aengine.submit(prompt_ids, adapter, sampling_for(req, i), tenant=tenant)
-        gens.append(_Gen(i, rid, q))
+        gens.append(_Gen(i, rid, q, StopStringMatcher(tokenizer, stops)))
     except EngineDeadError as e:
       raise APIError(503, f"the engine is not running ({e}); the server must be restarted",
                      "server_error") from None
@@ -359,8 +364,8 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
       raise APIError(400, str(e)) from None
     return gens
 
-  def apply_event(g: _Gen, ev, stops: list[str]) -> tuple[str, bool]:
-    """Folds one engine event into ``g``; returns (new text, finished)."""
+  def apply_event(g: _Gen, ev) -> tuple[str, bool]:
+    """Folds one engine event into ``g``; returns (new text safe to send, finished)."""
     kind, val = ev
     if kind == "done":
       g.out = val
@@ -372,24 +377,11 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
     if g.finish_reason is not None:
       return "", False  # tokens after a stop string: dropped
     g.tokens.append(val)
-    full = tokenizer.decode(g.tokens)
-    for s in stops:
-      idx = full.find(s)
-      if idx >= 0:
-        new = full[len(g.text):idx] if idx > len(g.text) else ""
-        g.text = full[:idx]
-        g.finish_reason = "stop"
-        aengine.abort(g.rid)
-        return new, False
-    # Hold back a tail that may still become a stop string or is an incomplete UTF-8 char.
-    hold = max((len(s) - 1 for s in stops), default=0)
-    safe = full[:len(full) - hold] if hold else full
-    if safe.endswith("\ufffd"):
-      safe = safe.rstrip("\ufffd")
-    if len(safe) > len(g.text):
-      new, g.text = safe[len(g.text):], safe
-      return new, False
-    return "", False
+    new = g.matcher.add(val)
+    if g.matcher.stopped:
+      g.finish_reason = "stop"
+      aengine.abort(g.rid)  # free its pages now
+    return new, False
 
   async def next_event(g: _Gen, request: Request):
     while True:
@@ -400,13 +392,8 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
           raise asyncio.CancelledError("client disconnected") from None
 
   def flush_text(g: _Gen) -> str:
-    """Text held back for stop-string matching, released at the end."""
-    if g.finish_reason == "stop" and g.out is not None and g.out.finish_reason == "abort":
-      return ""  # stopped by a stop string: g.text is final
-    full = tokenizer.decode(g.tokens)
-    new = full[len(g.text):]
-    g.text = full
-    return new
+    """Text held back for stop-string matching, released at the end ("" after a stop)."""
+    return g.matcher.finish()
 
   def usage(gens: list[_Gen], prompt_len: int) -> dict:
     comp = sum(len(g.tokens) for g in gens)
@@ -427,7 +414,7 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
                           f"({len(prompt_ids)} in the prompt, {max_tokens} in the completion). "
                           f"Please reduce the prompt or max_tokens.", param="max_tokens",
                      code="context_length_exceeded")
-    gens = await start(req, prompt_ids, adapter, request)
+    gens = await start(req, prompt_ids, adapter, request, stops)
     rid_str = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     obj = "chat.completion" if chat else "text_completion"
     now = int(time.time())
@@ -442,7 +429,7 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
         for g in gens:
           done = False
           while not done:
-            _, done = apply_event(g, await next_event(g, request), stops)
+            _, done = apply_event(g, await next_event(g, request))
           flush_text(g)
       except BaseException:
         abort_all()
@@ -496,7 +483,7 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
             g = pending.pop(fut)
             ev = fut.result()
             n_before = len(g.tokens)
-            text, finished = apply_event(g, ev, stops)
+            text, finished = apply_event(g, ev)
             if finished:
               text += flush_text(g)
               yield chunk(g, text, g.finish_reason, token_ids=[])
