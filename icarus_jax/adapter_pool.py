@@ -50,7 +50,12 @@ class AdapterPool:
     self.slots: dict[str, int] = {}
     self._free = list(range(capacity, 0, -1))
 
-  def add(self, name: str, adapter: Adapter) -> int:
+  @property
+  def has_free_slot(self) -> bool:
+    return bool(self._free)
+
+  def check(self, name: str, adapter: Adapter) -> None:
+    """Raises unless ``adapter`` fits this pool (LoRA kind, rank, targets)."""
     ac = adapter.config
     if not ac.is_lora:
       raise IcarusError(f"adapter {name!r} is of kind {ac.kind!r}; the serving pool holds LoRA "
@@ -62,6 +67,11 @@ class AdapterPool:
     if extra:
       raise IcarusError(f"adapter {name!r} targets {extra}, which this pool does not hold "
                         f"(pool targets: {list(self.targets)})")
+
+  def add(self, name: str, adapter: Adapter) -> int:
+    """Writes ``adapter`` into a free slot (in place); returns the slot."""
+    self.check(name, adapter)
+    ac = adapter.config
     if name in self.slots:
       raise IcarusError(f"adapter {name!r} is already registered")
     if not self._free:

@@ -107,6 +107,8 @@ class EngineStats:
   prefill_tokens_computed: int = 0
   decode_tokens: int = 0
   preemptions: int = 0
+  adapter_loads: int = 0        # host -> device slot writes
+  adapter_evictions: int = 0    # device slots given to another adapter (LRU)
   isolated_faults: int = 0  # batches that raised and were re-run row by row
   peak_pages_used: int = 0
   steps: int = 0
@@ -127,6 +129,13 @@ class _SimulatedPool:
     self.capacity = capacity
     self.slots: dict[str, int] = {}
     self._free = list(range(capacity, 0, -1))
+
+  @property
+  def has_free_slot(self) -> bool:
+    return bool(self._free)
+
+  def check(self, name, adapter) -> None:
+    del name, adapter
 
   def add(self, name, adapter) -> int:
     if not self._free:
@@ -161,7 +170,12 @@ class Engine:
     page_size: tokens per page.
     max_batch: most requests decoded together.
     prefill_chunk: most new tokens per row in one prefill call (longer prompts are chunked).
-    max_adapters, max_rank, targets: adapter pool shape (fixed: adding adapters never recompiles).
+    max_adapters, max_rank, targets: the device adapter pool: ``max_adapters`` slots (fixed
+      shapes: loading or swapping adapters never recompiles). Any number of adapters can be
+      registered: they live in host memory and are written into a device slot when a request
+      for them is admitted, evicting the least recently used adapter no running request uses
+      (vLLM's ``max_loras`` over ``max_cpu_loras``); when every slot is busy, the request
+      waits.
     attention_backend: ``"reference"`` (jnp paged attention that gathers the row's pages) or
       ``"pallas"`` (``kernels_pallas``: pages read in place, streams folded into the GQA group;
       interpret mode on CPU, the GPU or TPU lowering on accelerators).
@@ -210,7 +224,9 @@ class Engine:
       self.pages = None
     self.attention_backend = attention_backend
     self._attn_fn = ATTENTION_FNS[attention_backend]
-    self.adapters: dict[str, Adapter] = {}
+    self.adapters: dict[str, Adapter] = {}  # every registered adapter (host tier)
+    self._resident: collections.OrderedDict[str, None] = collections.OrderedDict()  # LRU
+    self._pinned: set = set()  # adapters admitted in the current step
     self._adapter_gen: dict[str, int] = {}  # load generation: part of the isolated cache key
     self._gens = itertools.count(1)
     self._draining: set[str] = set()
@@ -243,19 +259,45 @@ class Engine:
     name = name or adapter.name
     if name in self.adapters:
       raise IcarusError(f"adapter {name!r} is already registered")
-    if self.simulator is not None:
-      self.pool.add(name, adapter)
-      self.adapters[name] = adapter
-      self._adapter_gen[name] = next(self._gens)
-      return
-    check_adapter(self.cfg, self.base, adapter, require_icarus=(self.mode == "icarus"),
-                  fingerprint=self.fingerprint)
-    if self.mode == "isolated" and adapter.config.is_icarus:
-      raise IcarusError(f"isolated mode serves conventional models; adapter {name!r} is of kind "
-                        f"{adapter.kind!r} (use kind='lora')")
-    self.pool.add(name, adapter)
+    if self.simulator is None:
+      check_adapter(self.cfg, self.base, adapter, require_icarus=(self.mode == "icarus"),
+                    fingerprint=self.fingerprint)
+      if self.mode == "isolated" and adapter.config.is_icarus:
+        raise IcarusError(f"isolated mode serves conventional models; adapter {name!r} is of "
+                          f"kind {adapter.kind!r} (use kind='lora')")
+      self.pool.check(name, adapter)
+      adapter = jax.tree_util.tree_map(np.asarray, adapter)  # the host tier holds it
     self.adapters[name] = adapter
     self._adapter_gen[name] = next(self._gens)
+    if self.pool.has_free_slot:  # warm it while slots are free
+      self._load(name)
+
+  def _load(self, name: str) -> None:
+    self.pool.add(name, self.adapters[name])
+    self._resident[name] = None
+    self.stats.adapter_loads += 1
+
+  def _make_resident(self, name: str) -> bool:
+    """Puts ``name`` in a device slot (LRU eviction of an idle adapter if needed); False if
+    every slot is used by a running request."""
+    if name in self._resident:
+      self._resident.move_to_end(name)
+      return True
+    if not self.pool.has_free_slot:
+      busy = {s.adapter for s in self.running} | self._pinned
+      victim = next((n for n in self._resident if n not in busy), None)
+      if victim is None:
+        return False
+      self.pool.remove(victim)
+      del self._resident[victim]
+      self.stats.adapter_evictions += 1
+    self._load(name)
+    return True
+
+  @property
+  def resident_adapters(self) -> list[str]:
+    """Adapters in device slots, least recently used first."""
+    return list(self._resident)
 
   def remove_adapter(self, name: str) -> None:
     """Unregisters ``name``: new requests for it are refused; running ones finish first."""
@@ -269,7 +311,9 @@ class Engine:
       return
     busy = any(s.adapter == name for s in itertools.chain(self.waiting, self.running))
     if not busy:
-      self.pool.remove(name)
+      if name in self._resident:
+        self.pool.remove(name)
+        del self._resident[name]
       del self.adapters[name]
       self._draining.discard(name)
       gen = self._adapter_gen.pop(name)
@@ -317,7 +361,7 @@ class Engine:
       raise RequestTooLargeError(f"request needs {need} KV pages ({total} tokens) but the whole "
                                  f"pool has {self.alloc.capacity}")
     rid = next(self._ids)
-    slot = BASE_SLOT if adapter is None else self.pool.slots[adapter]
+    slot = BASE_SLOT  # an adapter's device slot is assigned at admission (_admit)
     # Isolated mode keys the cache by the adapter's identity (name + load generation), so an
     # adapter reloaded under the same name never reads its predecessor's K/V.
     ns = ((self.fingerprint, tenant) if self.mode == "icarus" else
@@ -378,6 +422,10 @@ class Engine:
 
   # ------------------------------------------------------------------------------ admission
   def _admit(self, seq: _Seq) -> bool:
+    if seq.adapter is not None:
+      if not self._make_resident(seq.adapter):
+        return False  # every device slot serves a running request: wait for one
+      seq.slot = self.pool.slots[seq.adapter]
     S = seq.tokens
     ps = self.page_size
     limit = len(S) if self.mode == "icarus" else len(S) - 1  # baseline recomputes the last token
@@ -415,6 +463,7 @@ class Engine:
       pa = self.stats.per_adapter[seq.adapter]
       pa["prompt_tokens"] += n_prompt
       pa["cached_tokens"] += cached
+    self._pinned.add(seq.adapter)  # admitted in this step: its slot may not be taken
     self._note_usage()
     return True
 
@@ -623,6 +672,7 @@ class Engine:
   def step(self) -> list[RequestOutput]:
     """Admit, prefill, decode once. Returns the requests that finished in this step."""
     self.stats.steps += 1
+    self._pinned = set()
     before = {s.rid for s in itertools.chain(self.waiting, self.running)}
     admitted: list[_Seq] = []
     blocked = False
@@ -630,14 +680,19 @@ class Engine:
       # A wave ends where a request shares a page-sized prefix with one admitted in the same
       # wave: it waits until that prefix is computed and cached, then reuses it (fan-out).
       wave: list[_Seq] = []
+      no_slot: list[_Seq] = []
       while self.waiting and len(self.running) + len(wave) < self.max_batch:
         seq = self.waiting[0]
         if any(self._shares_page(seq, w) for w in wave):
           break
+        if seq.adapter is not None and not self._make_resident(seq.adapter):
+          no_slot.append(self.waiting.popleft())  # every slot busy: let the others by
+          continue
         if not self._admit(seq):
           blocked = True
           break
         wave.append(self.waiting.popleft())
+      self.waiting.extendleft(reversed(no_slot))  # they keep their place at the front
       if not wave:
         break
       self.running.extend(wave)
@@ -709,6 +764,8 @@ class Engine:
         pages_free=self.alloc.num_free, pages_capacity=self.alloc.capacity,
         pages_cached_idle=self.cache.num_unreferenced(), pages_evicted=self.cache.evicted_pages,
         bytes_per_page=self.bytes_per_page(), preemptions=st.preemptions, steps=st.steps,
+        adapter_loads=st.adapter_loads, adapter_evictions=st.adapter_evictions,
+        resident_adapters=len(self._resident),
         prompt_tokens=st.prompt_tokens, cached_prompt_tokens=st.cached_prompt_tokens,
         prefill_tokens_computed=st.prefill_tokens_computed, decode_tokens=st.decode_tokens,
         isolated_faults=st.isolated_faults,
@@ -759,6 +816,9 @@ class Engine:
       raise IcarusError(f"prompt must have 1..{self.max_seq_len} tokens, got {len(ids)}")
     if adapter is not None and adapter not in self.adapters:
       raise UnknownAdapterError(f"adapter {adapter!r} is not registered")
+    if adapter is not None and not self._make_resident(adapter):
+      raise IcarusError(f"no device slot free for adapter {adapter!r}: every slot serves a "
+                        f"running request")
     slot = BASE_SLOT if adapter is None else self.pool.slots[adapter]
     cfg, ps, chunk = self.cfg, self.page_size, self.prefill_chunk
     n_pages = math.ceil(len(ids) / ps)
