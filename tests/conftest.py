@@ -1,6 +1,11 @@
-"""Shared fixtures: a tiny random base model and adapters, built once per session."""
+"""Shared fixtures: a tiny random base model and adapters, built once per session; a helper
+that serves an ASGI app on a free localhost port."""
 
+import contextlib
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -43,3 +48,25 @@ def _release_compiled_programs():
   interpret-mode kernels among them) and one process should not hold them all at once."""
   yield
   jax.clear_caches()
+
+
+@contextlib.contextmanager
+def serving(app):
+  """Runs ``app`` under uvicorn on 127.0.0.1 (a free port) in a thread; yields the port."""
+  import uvicorn
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+  th = threading.Thread(target=srv.run, daemon=True)
+  th.start()
+  for _ in range(200):
+    if srv.started:
+      break
+    time.sleep(0.05)
+  assert srv.started
+  try:
+    yield port
+  finally:
+    srv.should_exit = True
+    th.join(10)

@@ -1,7 +1,5 @@
 """The embedded default base and the shipped adapters behave as the demo claims."""
 
-import numpy as np
-
 from icarus_jax import check_adapter
 from icarus_jax.assets import load_any_base
 from icarus_jax.bench import load_serving_adapters

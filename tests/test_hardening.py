@@ -57,6 +57,17 @@ def test_sampling_params_refuse_values_the_sampler_cannot_hold(bad):
     SamplingParams(**bad)
 
 
+def test_sampling_params_accept_the_documented_range_up_to_its_bounds():
+  for ok in (dict(top_k=-1), dict(top_k=0), dict(top_k=2**31 - 1), dict(seed=0),
+             dict(seed=2**32 - 1), dict(stop_token_ids=(0, 5, 2**31 - 1)), dict(temperature=0.0),
+             dict(top_p=1.0), dict(max_tokens=1)):
+    SamplingParams(**ok)
+  for bad in (dict(top_k=-2), dict(top_k=2**31), dict(seed=2**32), dict(stop_token_ids=(2**31,)),
+              dict(stop_token_ids=(-1,))):
+    with pytest.raises(IcarusError, match=list(bad)[0]):
+      SamplingParams(**bad)
+
+
 def _poison(sp: SamplingParams, **fields) -> SamplingParams:
   """A request whose parameters got past validation (a gap, or a future field)."""
   for k, v in fields.items():

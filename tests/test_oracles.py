@@ -164,6 +164,15 @@ def test_repeated_and_fully_cached_prompts_equal_the_reference(tiny, mode, lengt
 ENCODER_PATH = ["k", "v", "k_bias", "v_bias", "k_norm", "embed"]  # written out: the oracle
 
 
+def test_adapter_config_refuses_bad_lora_shapes():
+  from icarus_jax import IcarusError
+  for bad in (dict(rank=0), dict(rank=-3), dict(rank="8"), dict(targets=()),
+              dict(targets=("q", "qq")), dict(kind="magic")):
+    with pytest.raises(IcarusError):
+      AdapterConfig(**{"kind": "icarus_lora", "targets": ("q",), "rank": 4, **bad})
+  AdapterConfig(kind="icarus_lora", targets=("q",), rank=1)
+
+
 @pytest.mark.parametrize("target", ENCODER_PATH)
 def test_gate_refuses_every_weight_upstream_of_kv(target):
   with pytest.raises(AdapterGateError, match="change the encoder's K/V"):

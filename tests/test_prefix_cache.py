@@ -55,6 +55,7 @@ def test_allocator_hands_out_pages_never_the_null_page_and_refuses_misuse():
 
 def test_match_full_pages_then_a_partial_page():
   alloc, cache = make()
+  assert cache.num_unreferenced() == 0 and cache.num_evictable() == 0 and cache.evict(0) == 0
   toks = list(range(10))                          # pages: [0..3] [4..7] [8, 9]
   pages = own(alloc, cache, "ns", toks)
   m = cache.match("ns", toks)
@@ -127,5 +128,6 @@ def test_drop_namespace_frees_only_that_namespace_and_keeps_held_pages():
   alloc.incref([a[0]])                                    # still read by a running sequence
   assert cache.drop_namespace("a") == 1                   # a[1] freed, a[0] kept
   assert cache.is_cached(a[0]) and not cache.is_cached(a[1]) and alloc.is_free(a[1])
+  assert cache.match("a", list(range(8))).pages == [a[0]]  # the held page stays reachable
   assert cache.match("b", list(range(8))).pages == b
   assert cache.drop_namespace("missing") == 0

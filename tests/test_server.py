@@ -11,7 +11,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -19,7 +18,6 @@ import httpx
 import jax
 import numpy as np
 import pytest
-import uvicorn
 
 from icarus_jax import init_adapter, init_base_params, save_adapter, tiny_config
 from icarus_jax.async_engine import AsyncEngine
@@ -28,6 +26,8 @@ from icarus_jax.engine import Engine
 from icarus_jax.sampling import SamplingParams
 from icarus_jax.server import create_app
 from icarus_jax.tokenizer import ByteTokenizer
+
+from conftest import serving
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -58,18 +58,8 @@ def server(models):
     eng.add_adapter(a)
   aeng = AsyncEngine(eng).start()
   app = create_app(aeng, tok, base_name="tiny-base", api_key=KEY, allow_runtime_lora=True)
-  port = free_port()
-  srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-  th = threading.Thread(target=srv.run, daemon=True)
-  th.start()
-  for _ in range(200):
-    if srv.started:
-      break
-    time.sleep(0.05)
-  assert srv.started
-  yield dict(url=f"http://127.0.0.1:{port}", engine=eng, aengine=aeng, tok=tok)
-  srv.should_exit = True
-  th.join(10)
+  with serving(app) as port:
+    yield dict(url=f"http://127.0.0.1:{port}", engine=eng, aengine=aeng, tok=tok)
   aeng.shutdown()
 
 

@@ -9,17 +9,14 @@
   refused with 503; nobody hangs.
 """
 
-import contextlib
 import http.client
 import json
-import socket
 import threading
 import time
 
 import httpx
 import jax
 import pytest
-import uvicorn
 
 from icarus_jax import init_adapter, save_adapter
 from icarus_jax.async_engine import AsyncEngine
@@ -27,28 +24,10 @@ from icarus_jax.engine import Engine
 from icarus_jax.server import create_app
 from icarus_jax.tokenizer import ByteTokenizer
 
+from conftest import serving
+
 PS = 8
 ENGINE_KW = dict(page_size=PS, max_batch=16, prefill_chunk=32, num_pages=200, max_adapters=4)
-
-
-@contextlib.contextmanager
-def serving(app):
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-  th = threading.Thread(target=srv.run, daemon=True)
-  th.start()
-  for _ in range(200):
-    if srv.started:
-      break
-    time.sleep(0.05)
-  assert srv.started
-  try:
-    yield port
-  finally:
-    srv.should_exit = True
-    th.join(10)
 
 
 def wait_for(cond, timeout=30.0):
