@@ -33,11 +33,56 @@ class Hardware:
   memory_bytes: float = 80e9
 
 
-HARDWARE = {
+HARDWARE = {  # per chip: vendor data sheets (dense bf16 peak, HBM bandwidth, HBM capacity)
     "h100": Hardware("NVIDIA H100 SXM (80 GB)", 3.35e12, 989e12, memory_bytes=80e9),
     "h200": Hardware("NVIDIA H200 (141 GB)", 4.8e12, 989e12, memory_bytes=141e9),
     "a100": Hardware("NVIDIA A100 SXM (80 GB)", 2.0e12, 312e12, memory_bytes=80e9),
+    "tpu-v5e": Hardware("Google TPU v5e (16 GB per chip)", 8.19e11, 197e12, memory_bytes=16e9),
+    "tpu-v6e": Hardware("Google TPU v6e (32 GB per chip)", 1.64e12, 918e12, memory_bytes=32e9),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryBudget:
+  """Where the accelerator memory goes (bytes), and what is left for the KV pool."""
+
+  total: float
+  usable: float
+  weights: float
+  activations: float
+  adapter_pool: float
+  kv: float
+  kv_pages: int
+
+
+def kv_budget(cfg: ModelConfig, hw: Hardware, *, chips: int = 1, utilization: float = 0.9,
+              bytes_per_param: int = 2, max_tokens_per_step: int = 8192,
+              adapter_slots: int = 16, lora_rank: int = 16, page_size: int = 16) -> MemoryBudget:
+  """KV pool budget = memory x utilization - weights - activations - adapter pool (vLLM's
+  ``gpu_memory_utilization`` accounting, with the activation peak estimated instead of profiled).
+
+  Weights: every parameter once (the base; ICaRus adds no second copy; norms neglected). Activations: the peak
+  of one step of ``max_tokens_per_step`` tokens: hidden states and attention/MLP intermediates
+  (``2 d + q + 2 kv + 2 mlp`` values per token in the compute dtype) plus float32 logits for the
+  rows that sample (at most one per sequence; bounded here by the token count). Adapter pool:
+  ``adapter_slots`` LoRA slots of ``lora_rank`` on every target. Raises if nothing is left.
+  """
+  c = cfg
+  total = hw.memory_bytes * chips
+  usable = total * utilization
+  sim = RooflineSimulator(cfg, hw, lora_rank=lora_rank, bytes_per_param=bytes_per_param)
+  weights = sim.weight_bytes  # tied embeddings are counted once
+  per_tok = (2 * c.d_model + c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim
+             + 2 * c.mlp_dim) * bytes_per_param
+  activations = max_tokens_per_step * per_tok + min(max_tokens_per_step, 1024) * c.vocab_size * 4
+  adapter_pool = adapter_slots * sim.lora_bytes
+  kv = usable - weights - activations - adapter_pool
+  if kv <= 0:
+    raise ValueError(f"{cfg.name} on {chips} x {hw.name}: weights {weights / 1e9:.1f} GB + "
+                     f"activations {activations / 1e9:.1f} GB + adapters {adapter_pool / 1e9:.1f} GB"
+                     f" exceed {utilization:.0%} of {total / 1e9:.0f} GB; add chips")
+  page = sim.kv_bytes_per_token * page_size
+  return MemoryBudget(total, usable, weights, activations, adapter_pool, kv, int(kv // page))
 
 
 class VirtualClock:

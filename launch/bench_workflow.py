@@ -42,11 +42,13 @@ flags.DEFINE_integer("seed", 0, "Workload seed.")
 flags.DEFINE_bool("skip_real", False, "Skip the real (CPU) measurement.")
 flags.DEFINE_bool("projection", True, "Also run the paper-scale roofline projection.")
 flags.DEFINE_string("proj_model", "llama-3.1-8b", "Projection model preset.")
-flags.DEFINE_string("proj_hw", "h100", "Projection hardware (h100, h200, a100).")
+flags.DEFINE_string("proj_hw", "h100", "Projection hardware (h100, h200, a100, tpu-v5e, tpu-v6e).")
 flags.DEFINE_list("proj_rates", ["0.1", "0.2", "0.3", "0.4", "0.6", "0.8", "1.0"],
                   "Projection arrival rates (workflows/s).")
 flags.DEFINE_integer("proj_workflows", 200, "Workflows per projection point.")
-flags.DEFINE_float("proj_kv_gb", 20.0, "Projection KV budget (GB), both modes.")
+flags.DEFINE_float("proj_kv_gb", 20.0, "Projection KV budget (GB), both modes; 0: derived from "
+                   "the hardware (memory x 0.9 - weights - activations - adapter slots, "
+                   "cost_model.kv_budget).")
 flags.DEFINE_string("out", "docs/results/workflow.json", "JSON output (PNG and .md beside it).")
 
 
@@ -114,7 +116,7 @@ def run_projection(models, rates, *, num_workflows, log=print):
   from icarus_jax.adapters import Adapter, AdapterConfig
   from icarus_jax.bench import run_workflows
   from icarus_jax.config import ModelConfig
-  from icarus_jax.cost_model import HARDWARE, RooflineSimulator
+  from icarus_jax.cost_model import HARDWARE, RooflineSimulator, kv_budget
   from icarus_jax.engine import Engine
   from icarus_jax.workload import generate_workflows
 
@@ -127,7 +129,10 @@ def run_projection(models, rates, *, num_workflows, log=print):
     for n in models:
       for rate in rates:
         sim = RooflineSimulator(cfg, hw)
-        pages = int(FLAGS.proj_kv_gb * 1e9 // (sim.kv_bytes_per_token * 16)) + 1
+        if FLAGS.proj_kv_gb > 0:
+          pages = int(FLAGS.proj_kv_gb * 1e9 // (sim.kv_bytes_per_token * 16)) + 1
+        else:
+          pages = kv_budget(cfg, hw, adapter_slots=max(8, n)).kv_pages + 1
         eng = Engine(cfg, None, mode=mode, num_pages=pages, page_size=16, max_batch=64,
                      prefill_chunk=2048, max_adapters=max(8, n), simulator=sim, max_seq_len=16384)
         kind = "icarus_lora" if mode == "icarus" else "lora"

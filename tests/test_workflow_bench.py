@@ -122,3 +122,26 @@ def test_projection_uses_the_same_scheduler_with_a_virtual_clock():
   t = sim.step_time([(1000, 1, 1)], decode=True, icarus=True)
   assert 0.006 < t - HARDWARE["h100"].step_overhead_s < 0.008
   assert out["icarus"]["prefill_tokens_computed"] < out["isolated"]["prefill_tokens_computed"]
+
+
+def test_kv_budget_from_hardware_arithmetic():
+  """Llama-3.1-8B in bf16 on one H100 at 90%: 72 GB usable - 16.06 GB of weights (8.03 B
+  parameters, counted by hand below) - activations - 16 rank-16 adapter slots = the KV pool."""
+  import pytest
+  from icarus_jax.config import ModelConfig
+  from icarus_jax.cost_model import HARDWARE, kv_budget
+  cfg = ModelConfig.from_preset("llama-3.1-8b")
+  b = kv_budget(cfg, HARDWARE["h100"])
+  per_layer = 4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336
+  params = 32 * per_layer + 2 * 128256 * 4096
+  assert b.weights == params * 2 and abs(params - 8.03e9) < 0.01e9
+  assert b.usable == 0.9 * 80e9
+  assert 0 < b.activations < 2e9 and 0 < b.adapter_pool < 2e9
+  assert b.kv == b.usable - b.weights - b.activations - b.adapter_pool
+  page = 2 * 32 * 8 * 128 * 2 * 16  # K and V, layers, kv heads, head_dim, bf16, 16 tokens
+  assert b.kv_pages == int(b.kv // page) and 50e9 < b.kv < 56e9
+  # 8 chips of TPU v5e hold it; one chip does not (16 GB < weights): a clear error
+  assert kv_budget(cfg, HARDWARE["tpu-v5e"], chips=8).kv_pages > 0
+  with pytest.raises(ValueError, match="add chips"):
+    kv_budget(cfg, HARDWARE["tpu-v5e"])
+  assert kv_budget(cfg, HARDWARE["h200"]).kv > b.kv + 50e9  # 141 GB vs 80 GB
