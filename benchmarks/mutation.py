@@ -73,6 +73,7 @@ TARGETS = [
             "tests/test_adapters.py")),
     Target("training_objective", "icarus_jax/training.py", ("model_logits", "masked_ce"),
            ("tests/test_oracles.py::test_training_objective_logits_equal_serving_logits",
+            "tests/test_oracles.py::test_masked_cross_entropy_and_accuracy_by_hand",
             "tests/test_training.py::test_step_zero_equals_base",
             "tests/test_training.py::test_no_gradient_reaches_the_encoder",
             "tests/test_training.py::test_icarus_training_lowers_loss_and_never_touches_the_base")),

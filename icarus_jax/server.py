@@ -31,190 +31,25 @@ import secrets
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from prometheus_client import (CollectorRegistry, Counter, Histogram, generate_latest)
-from prometheus_client.core import GaugeMetricFamily
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from prometheus_client import generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from icarus_jax.async_engine import AsyncEngine, EngineDeadError
 from icarus_jax.chat_template import ChatTemplate
 from icarus_jax.engine import RequestOutput, RequestTooLargeError, UnknownAdapterError
 from icarus_jax.errors import IcarusError
+from icarus_jax.protocol import (APIError, ChatRequest, CompletionRequest, LoadLoraRequest,
+                                 UnloadLoraRequest, first_line, SamplingRequest, error_response)
 from icarus_jax.sampling import SamplingParams
+from icarus_jax.server_metrics import ServerMetrics
 from icarus_jax.stop_strings import StopStringMatcher
 
 log = logging.getLogger("icarus_jax.server")
-MAX_N = 16
-
-
-# ----------------------------------------------------------------------------- protocol
-
-def _check_text(value: Any, where: str = "body") -> None:
-  """Refuses strings that cannot be UTF-8 encoded (a lone UTF-16 surrogate such as ``\\ud800``
-  is valid JSON but no tokenizer can take it): a 400 naming the field, never a 500."""
-  if isinstance(value, str):
-    try:
-      value.encode("utf-8")
-    except UnicodeEncodeError as e:
-      raise ValueError(f"{where} holds a lone UTF-16 surrogate at character {e.start} "
-                       f"({value[e.start:e.end].encode('utf-8', 'backslashreplace').decode()}); "
-                       f"send valid Unicode text") from None
-  elif isinstance(value, dict):
-    for k, v in value.items():
-      _check_text(k, where)
-      _check_text(v, f"{where}.{k}")
-  elif isinstance(value, list):
-    for i, v in enumerate(value):
-      _check_text(v, f"{where}[{i}]")
-
-
-class _Body(BaseModel):
-  @model_validator(mode="before")
-  @classmethod
-  def _valid_unicode(cls, data):
-    _check_text(data)
-    return data
-
-
-INT64 = 2**63
-
-
-class _Req(_Body):
-  model_config = ConfigDict(extra="ignore")
-  model: str
-  max_tokens: int | None = Field(default=16, ge=1)
-  max_completion_tokens: int | None = Field(default=None, ge=1)
-  temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-  top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-  top_k: int = Field(default=0, ge=-1, lt=2**31)
-  seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
-  logprobs: Any = None
-  top_logprobs: Any = None
-  stop: str | list[str] | None = None
-  stop_token_ids: list[int] | None = Field(default=None, max_length=1024)
-  ignore_eos: bool = False
-  n: int = Field(default=1, ge=1, le=MAX_N)
-  stream: bool = False
-  stream_options: dict | None = None
-  user: str | None = None
-  cache_salt: str | None = None
-  return_token_ids: bool = False
-
-
-class CompletionRequest(_Req):
-  prompt: str | list[int] | list[str] | list[list[int]]
-  echo: bool = False
-
-
-class ChatMessage(_Body):
-  model_config = ConfigDict(extra="ignore")
-  role: Literal["system", "user", "assistant", "tool"]
-  content: str | list[dict[str, Any]]
-
-
-class ChatRequest(_Req):
-  messages: list[ChatMessage] = Field(min_length=1)
-
-
-class LoadLoraRequest(_Body):
-  lora_name: str = Field(min_length=1)
-  lora_path: str = Field(min_length=1)
-
-
-class UnloadLoraRequest(_Body):
-  lora_name: str = Field(min_length=1)
-
-
-class APIError(Exception):
-  def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-               param: str | None = None, code: str | None = None):
-    super().__init__(message)
-    self.status, self.message, self.type, self.param = status, message, type_, param
-    self.code = code
-
-
-def error_response(status: int, message: str, type_: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None) -> JSONResponse:
-  return JSONResponse({"error": {"message": message, "type": type_, "param": param,
-                                 "code": code or str(status)}}, status_code=status)
-
-
-def _first_line(e: BaseException, limit: int = 300) -> str:
-  """An error's first line, truncated: never a dump of a file's contents."""
-  text = str(e).strip().splitlines()
-  return (text[0] if text else type(e).__name__)[:limit]
-
-
-# ----------------------------------------------------------------------------- metrics
-
-class ServerMetrics:
-  """Prometheus metrics: counters/histograms fed on finish, gauges read from the snapshot."""
-
-  LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-
-  def __init__(self, aengine: AsyncEngine):
-    self.registry = CollectorRegistry()
-    r = self.registry
-    self.requests = Counter("icarus_requests", "Finished requests.", ["model", "finish_reason"],
-                            registry=r)
-    self.http_errors = Counter("icarus_http_errors", "Error responses.", ["status"], registry=r)
-    self.prompt_tokens = Counter("icarus_prompt_tokens", "Prompt tokens.", ["model"], registry=r)
-    self.cached_tokens = Counter("icarus_cached_prompt_tokens",
-                                 "Prompt tokens served from the prefix cache.", ["model"],
-                                 registry=r)
-    self.gen_tokens = Counter("icarus_generation_tokens", "Generated tokens.", ["model"],
-                              registry=r)
-    self.e2e = Histogram("icarus_e2e_request_latency_seconds", "Arrival to last token.",
-                         ["model"], buckets=self.LAT_BUCKETS, registry=r)
-    self.ttft = Histogram("icarus_time_to_first_token_seconds", "Arrival to first token.",
-                          ["model"], buckets=self.LAT_BUCKETS, registry=r)
-    self.tpot = Histogram("icarus_time_per_output_token_seconds", "Mean gap between tokens.",
-                          ["model"], buckets=self.LAT_BUCKETS, registry=r)
-    self.aengine = aengine
-    r.register(self)  # custom collector for the engine gauges
-    aengine.on_finish(self.observe)
-
-  def observe(self, out: RequestOutput) -> None:
-    model = out.adapter or "__base__"
-    self.requests.labels(model, out.finish_reason or "unknown").inc()
-    self.prompt_tokens.labels(model).inc(len(out.prompt_tokens))
-    self.cached_tokens.labels(model).inc(out.num_cached_tokens)
-    self.gen_tokens.labels(model).inc(len(out.output_tokens))
-    if out.finish_time is not None:
-      self.e2e.labels(model).observe(out.finish_time - out.arrival_time)
-    if out.first_token_time is not None:
-      self.ttft.labels(model).observe(out.first_token_time - out.arrival_time)
-    if len(out.token_times) > 1:
-      self.tpot.labels(model).observe((out.token_times[-1] - out.token_times[0])
-                                      / (len(out.token_times) - 1))
-
-  def collect(self):
-    s = self.aengine.snapshot()
-    def gauge(name, doc, value):
-      g = GaugeMetricFamily(name, doc)
-      g.add_metric([], value)
-      return g
-    yield gauge("icarus_kv_pages_used", "KV pages allocated (incl. idle cached).", s["pages_used"])
-    yield gauge("icarus_kv_pages_free", "KV pages free.", s["pages_free"])
-    yield gauge("icarus_kv_pages_total", "KV pages in the pool.", s["pages_capacity"])
-    yield gauge("icarus_kv_pages_cached_idle", "Cached pages no request holds (evictable).",
-                s["pages_cached_idle"])
-    yield gauge("icarus_requests_running", "Requests running.", s["running"])
-    yield gauge("icarus_requests_waiting", "Requests waiting.", s["waiting"])
-    yield gauge("icarus_preemptions", "Preemptions so far.", s["preemptions"])
-    yield gauge("icarus_engine_steps", "Engine steps so far.", s["steps"])
-    yield gauge("icarus_engine_step_errors", "Engine steps that raised.", s["step_errors"])
-    hit = GaugeMetricFamily("icarus_prefix_cache_hit_rate",
-                            "Cached / prompt tokens per model since start.", labels=["model"])
-    for name, d in sorted(s["per_adapter"].items(), key=lambda kv: str(kv[0])):
-      hit.add_metric([name or "__base__"], d["cached_tokens"] / max(1, d["prompt_tokens"]))
-    hit.add_metric(["__all__"], s["cached_prompt_tokens"] / max(1, s["prompt_tokens"]))
-    yield hit
 
 
 # ----------------------------------------------------------------------------- the app
@@ -309,7 +144,7 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
   async def adapter_names() -> list[str]:
     return await aengine.acall(lambda e: list(e.adapter_names))
 
-  def sampling_for(req: _Req, index: int) -> SamplingParams:
+  def sampling_for(req: SamplingRequest, index: int) -> SamplingParams:
     max_tokens = req.max_completion_tokens or req.max_tokens or 16
     stop_ids = list(req.stop_token_ids or [])
     eos = getattr(tokenizer, "eos_id", None)
@@ -323,13 +158,13 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
     except IcarusError as e:
       raise APIError(400, str(e)) from None
 
-  def stop_strings(req: _Req) -> list[str]:
+  def stop_strings(req: SamplingRequest) -> list[str]:
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if any(not s for s in stops):
       raise APIError(400, "stop strings must be non-empty", param="stop")
     return stops
 
-  def check_unsupported(req: _Req) -> None:
+  def check_unsupported(req: SamplingRequest) -> None:
     if req.logprobs is not None and req.logprobs is not False:
       raise APIError(400, "logprobs are not supported by this server yet; omit 'logprobs' (and "
                           "'top_logprobs')", param="logprobs")
@@ -337,7 +172,7 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
       raise APIError(400, "top_logprobs is not supported by this server yet; omit it",
                      param="top_logprobs")
 
-  async def start(req: _Req, prompt_ids: list[int], adapter: str | None, request: Request,
+  async def start(req: SamplingRequest, prompt_ids: list[int], adapter: str | None, request: Request,
                   stops: list[str]) -> list[_Gen]:
     tenant = req.cache_salt or request.headers.get("x-cache-salt")
     gens: list[_Gen] = []
@@ -402,7 +237,7 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
             "total_tokens": prompt_len + comp,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
-  async def run_request(req: _Req, prompt_ids: list[int], request: Request, *, chat: bool,
+  async def run_request(req: SamplingRequest, prompt_ids: list[int], request: Request, *, chat: bool,
                         echo_text: str = ""):
     adapter = resolve_model(req.model)
     check_unsupported(req)
@@ -587,7 +422,7 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
                           f"{e.strerror or type(e).__name__}", param="lora_path") from None
     except (IcarusError, ValueError, KeyError) as e:
       raise APIError(400, f"cannot load adapter {req.lora_name!r} from {req.lora_path}: "
-                          f"{_first_line(e)}", param="lora_path") from None
+                          f"{first_line(e)}", param="lora_path") from None
     return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
 
   @app.post("/v1/unload_lora_adapter")
