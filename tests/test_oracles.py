@@ -167,6 +167,12 @@ def test_repeated_and_fully_cached_prompts_equal_the_reference(tiny, mode, lengt
     out = eng.generate([p], [name], sp)[0]
     assert out.output_tokens == want[name], (name, out.num_cached_tokens)
     eng.check_invariants()
+  # a cached prompt holds exactly the pages its tokens need (shared + private), no more
+  rid = eng.submit(p, "a1", SamplingParams(max_tokens=3))
+  eng.step()
+  (seq,) = [s for s in eng.running if s.rid == rid]
+  assert len(seq.page_table) == math.ceil(len(p) / PS)  # the prompt, before its next page
+  list(eng.run())
   # the repeats really were served from the cache
   second = eng.generate([p], ["a0"], sp)[0]
   full = (length // PS) * PS
