@@ -79,7 +79,8 @@ TARGETS = [
             "tests/test_training.py::test_icarus_training_lowers_loss_and_never_touches_the_base")),
     Target("engine_admission", "icarus_jax/engine.py", ("Engine._admit", "Engine._shares_page"),
            ("tests/test_oracles.py", "tests/test_engine.py", "-k",
-            "repeated or (reference and (mixed or cross_model_reuse_icarus))")),
+            "repeated or watermark or (reference and (mixed or cross_model_reuse_icarus or fan_out or "
+            "accounting))")),
     Target("server_streaming", "icarus_jax/server.py", ("create_app.apply_event",
                                                          "create_app.flush_text"),
            ("tests/test_server.py", "-k", "stop or streamed")),

@@ -201,3 +201,21 @@ def test_gate_refuses_every_weight_upstream_of_kv(target):
   if target in ("k", "v"):
     with pytest.raises(AdapterGateError, match="change the encoder's K/V"):
       AdapterConfig(kind="icarus_lora", targets=("q", target))
+
+
+def test_admission_keeps_a_watermark_so_it_never_causes_preemption(tiny):
+  """A request that would take the last free pages while another runs waits, instead of being
+  admitted and then preempted at the runner's next page boundary."""
+  cfg, base = tiny
+  eng = Engine(cfg, base, num_pages=7, page_size=PS, max_batch=4, prefill_chunk=16)  # 6 usable
+  a = eng.submit(list(range(PS)), None, SamplingParams(max_tokens=4))  # 1 page, next token: +1
+  eng.step()
+  b = eng.submit(list(range(100, 100 + 5 * PS)), None, SamplingParams(max_tokens=2))  # 5 pages
+  eng.step()
+  assert [s.rid for s in eng.waiting] == [b]  # 5 free pages, but A needs one: B waits
+  for _ in range(100):  # bounded: a policy bug here can livelock (admit, preempt, re-admit...)
+    if not eng.has_work:
+      break
+    eng.step()
+  assert not eng.has_work and eng.stats.preemptions == 0
+  assert eng.outputs[a].finish_reason == eng.outputs[b].finish_reason == "length"
