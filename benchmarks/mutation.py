@@ -83,7 +83,8 @@ TARGETS = [
             "accounting))")),
     Target("server_streaming", "icarus_jax/server.py", ("create_app.apply_event",
                                                          "create_app.flush_text"),
-           ("tests/test_server.py", "-k", "stop or streamed")),
+           ("tests/test_server.py", "tests/test_server_hardening.py", "-k",
+            "stop or streamed or dead_engine")),
 ]
 
 
