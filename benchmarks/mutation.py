@@ -81,6 +81,10 @@ TARGETS = [
            ("tests/test_oracles.py", "tests/test_engine.py", "-k",
             "repeated or watermark or (reference and (mixed or cross_model_reuse_icarus or fan_out or "
             "accounting))")),
+    Target("stop_strings", "icarus_jax/stop_strings.py",
+           ("StopStringMatcher.__init__", "StopStringMatcher._decode_new",
+            "StopStringMatcher._emit", "StopStringMatcher.add", "StopStringMatcher.finish"),
+           ("tests/test_stop_strings.py",)),
     Target("server_streaming", "icarus_jax/server.py", ("create_app.apply_event",
                                                          "create_app.flush_text"),
            ("tests/test_server.py", "tests/test_server_hardening.py", "-k",
