@@ -64,15 +64,16 @@ def test_training_objective_logits_equal_serving_logits(tiny):
 
 def test_masked_cross_entropy_and_accuracy_by_hand():
   from icarus_jax.training import masked_ce
-  logits = np.array([[[2.0, 0.0, -1.0], [0.0, 3.0, 0.0], [1.0, 1.0, 5.0]]], np.float32)
-  targets = np.array([[0, 2, 2]])
-  mask = np.array([[1.0, 1.0, 0.0]])  # the last position does not count
+  logits = np.array([[[2.0, 0.0, -1.0], [0.0, 3.0, 0.0], [1.0, 1.0, 5.0], [4.0, 0.0, 0.0]]],
+                    np.float32)
+  targets = np.array([[0, 2, 2, 1]])
+  mask = np.array([[1.0, 1.0, 1.0, 0.0]])  # the last position does not count
   lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  want_loss = -(lp[0, 0, 0] + lp[0, 1, 2]) / 2
+  want_loss = -(lp[0, 0, 0] + lp[0, 1, 2] + lp[0, 2, 2]) / 3
   loss, acc = masked_ce(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
   assert abs(float(loss) - want_loss) < 1e-6
-  assert float(acc) == 0.5  # position 0 right, position 1 wrong, position 2 masked
-  loss0, acc0 = masked_ce(jnp.asarray(logits), jnp.asarray(targets), jnp.zeros((1, 3)))
+  assert abs(float(acc) - 2 / 3) < 1e-6  # positions 0 and 2 right, 1 wrong, 3 masked
+  loss0, acc0 = masked_ce(jnp.asarray(logits), jnp.asarray(targets), jnp.zeros((1, 4)))
   assert float(loss0) == 0.0 and float(acc0) == 0.0  # nothing to score: no division by zero
 
 
