@@ -101,3 +101,12 @@ def test_cost_per_token_does_not_grow_with_the_output():
   m, _ = run(tok, ids, ["never appears"])
   assert m.text == ByteTokenizer().decode(ids)
   assert Counting.decoded <= 4 * len(ids), Counting.decoded
+
+
+def test_earliest_stop_wins_when_several_match_in_one_piece_and_nothing_after_a_stop():
+  tok = ByteTokenizer()
+  m = StopStringMatcher(tok, ["ab", "b"])  # "ab" completes at 0 while "b" matches at 1
+  out = "".join(m.add(t) for t in tok.encode("xab"))
+  assert out == m.text == "x" and m.stopped
+  assert m.add(tok.encode("z")[0]) == "" and m.finish() == "" and m.text == "x"
+  assert m.tokens == tok.encode("xab")  # nothing is taken after the stop
