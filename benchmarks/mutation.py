@@ -276,7 +276,9 @@ def main(argv):
     if status != "survived":
       raise SystemExit(f"target {t.name}: its tests fail on the unmutated code")
   if FLAGS.rerun_survivors:
-    again = {(m["target"], m["index"]) for m in done["mutants"] if m["status"] == "survived"}
+    names = {t.name for t in targets}
+    again = {(m["target"], m["index"]) for m in done["mutants"]
+             if m["status"] == "survived" and m["target"] in names}
     done["mutants"] = [m for m in done["mutants"] if (m["target"], m["index"]) not in again]
     first = {k: "survived" for k in again}
     plan = [p for p in plan if (p[0].name, p[1]) in again]
