@@ -70,3 +70,13 @@ def serving(app):
   finally:
     srv.should_exit = True
     th.join(10)
+
+
+def wait_for(cond, timeout: float = 30.0) -> bool:
+  """Polls ``cond()`` every 50 ms until it is true (True) or ``timeout`` seconds pass (False)."""
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if cond():
+      return True
+    time.sleep(0.05)
+  return False

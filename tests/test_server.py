@@ -27,7 +27,7 @@ from icarus_jax.sampling import SamplingParams
 from icarus_jax.server import create_app
 from icarus_jax.tokenizer import ByteTokenizer
 
-from conftest import serving
+from conftest import serving, wait_for
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -94,15 +94,6 @@ def no_live_pages(eng) -> bool:
   """Every allocated page is idle cache (evictable); no request holds one."""
   return (not eng.running and not eng.waiting
           and eng.pages_used() == eng.cache.num_unreferenced())
-
-
-def wait_for(cond, timeout=30.0):
-  t0 = time.time()
-  while time.time() - t0 < timeout:
-    if cond():
-      return True
-    time.sleep(0.05)
-  return False
 
 
 def test_models_health_and_metrics(server):

@@ -24,19 +24,10 @@ from icarus_jax.engine import Engine
 from icarus_jax.server import create_app
 from icarus_jax.tokenizer import ByteTokenizer
 
-from conftest import serving
+from conftest import serving, wait_for
 
 PS = 8
 ENGINE_KW = dict(page_size=PS, max_batch=16, prefill_chunk=32, num_pages=200, max_adapters=4)
-
-
-def wait_for(cond, timeout=30.0):
-  t0 = time.time()
-  while time.time() - t0 < timeout:
-    if cond():
-      return True
-    time.sleep(0.05)
-  return False
 
 
 @pytest.fixture(scope="module")
