@@ -422,9 +422,9 @@ class Engine:
 
   # ------------------------------------------------------------------------------ admission
   def _admit(self, seq: _Seq) -> bool:
+    """Reserves ``seq``'s pages; its adapter is already in a device slot (``step`` made it
+    resident, or passed the request over for this step)."""
     if seq.adapter is not None:
-      if not self._make_resident(seq.adapter):
-        return False  # every device slot serves a running request: wait for one
       seq.slot = self.pool.slots[seq.adapter]
     S = seq.tokens
     ps = self.page_size
