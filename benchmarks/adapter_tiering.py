@@ -66,7 +66,7 @@ def run(cfg, base, adapters, slots, prompts, names):
 
 def slot_write_seconds(eng, names, n=40):
   """Median time of one eviction + swap-in (two in-place slot writes), synchronised."""
-  pool = eng.pool
+  pool = eng.runner.pool
   times = []
   for i in range(n):
     victim = next(iter(pool.slots))
@@ -94,7 +94,7 @@ def main(argv):
   tiered_eng, tiered_toks, tiered = run(cfg, base, adapters, FLAGS.slots, prompts, names)
   _, full_toks, full = run(cfg, base, adapters, FLAGS.adapters, prompts, names)
   swap = slot_write_seconds(tiered_eng, [a.name for a in adapters])
-  slot_bytes = tiered_eng.pool.nbytes() // (FLAGS.slots + 1)
+  slot_bytes = tiered_eng.runner.pool.nbytes() // (FLAGS.slots + 1)
   out = {
       "command": "python -m benchmarks.adapter_tiering " + " ".join(sys.argv[1:]),
       "date": datetime.datetime.now().isoformat(timespec="seconds"),

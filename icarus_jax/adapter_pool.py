@@ -27,11 +27,41 @@ from icarus_jax.errors import IcarusError
 BASE_SLOT = 0
 
 
+class SlotTable:
+  """Which adapter holds which of ``capacity`` device slots (1..capacity; 0 is the base).
+
+  Bookkeeping only: :class:`AdapterPool` writes the weights, the roofline runner has none.
+  """
+
+  def __init__(self, capacity: int):
+    if capacity < 1:
+      raise IcarusError(f"adapter pool capacity must be >= 1, got {capacity}")
+    self.capacity = capacity
+    self.slots: dict[str, int] = {}
+    self._free = list(range(capacity, 0, -1))
+
+  @property
+  def has_free_slot(self) -> bool:
+    return bool(self._free)
+
+  def take(self, name: str) -> int:
+    if name in self.slots:
+      raise IcarusError(f"adapter {name!r} already holds slot {self.slots[name]}")
+    if not self._free:
+      raise IcarusError(f"adapter pool is full ({self.capacity} adapters); remove one first")
+    self.slots[name] = self._free.pop()
+    return self.slots[name]
+
+  def release(self, name: str) -> int:
+    slot = self.slots.pop(name)
+    self._free.append(slot)
+    return slot
+
+
 class AdapterPool:
 
   def __init__(self, cfg: ModelConfig, *, capacity: int, max_rank: int, targets: tuple[str, ...]):
-    if capacity < 1:
-      raise IcarusError(f"adapter pool capacity must be >= 1, got {capacity}")
+    self.table = SlotTable(capacity)
     self.cfg = cfg
     self.capacity = capacity
     self.max_rank = max_rank
@@ -47,12 +77,14 @@ class AdapterPool:
     if "lm_head" in shapes:
       w["lm_head"] = {"a": jnp.zeros((A, cfg.d_model, R), dt), "b": jnp.zeros((A, R, cfg.vocab_size), dt)}
     self.weights = w
-    self.slots: dict[str, int] = {}
-    self._free = list(range(capacity, 0, -1))
+
+  @property
+  def slots(self) -> dict[str, int]:
+    return self.table.slots
 
   @property
   def has_free_slot(self) -> bool:
-    return bool(self._free)
+    return self.table.has_free_slot
 
   def check(self, name: str, adapter: Adapter) -> None:
     """Raises unless ``adapter`` fits this pool (LoRA kind, rank, targets)."""
@@ -72,11 +104,6 @@ class AdapterPool:
     """Writes ``adapter`` into a free slot (in place); returns the slot."""
     self.check(name, adapter)
     ac = adapter.config
-    if name in self.slots:
-      raise IcarusError(f"adapter {name!r} is already registered")
-    if not self._free:
-      raise IcarusError(f"adapter pool is full ({self.capacity} adapters); remove one first")
-    slot = self._free.pop()
     lw = lora_weights(adapter)
     r = ac.rank
     new = self._empty_slot()
@@ -88,14 +115,17 @@ class AdapterPool:
       a, b = np.asarray(src["a"], np.float32), np.asarray(src["b"], np.float32)
       dst["a"][..., :r] = a  # a [.., in, r] into [.., in, R]
       dst["b"][..., :r, :] = b  # b [.., r, out] into [.., R, out]
-    self.weights = _write_slot(self.weights, jnp.int32(slot), new)
-    self.slots[name] = slot
+    slot = self.table.take(name)
+    try:
+      self.weights = _write_slot(self.weights, jnp.int32(slot), new)
+    except Exception:
+      self.table.release(name)
+      raise
     return slot
 
   def remove(self, name: str) -> None:
-    slot = self.slots.pop(name)
+    slot = self.table.release(name)
     self.weights = _write_slot(self.weights, jnp.int32(slot), self._empty_slot())
-    self._free.append(slot)
 
   def _empty_slot(self) -> dict:
     """Zeros shaped like one slot of every pool array (host memory, float32)."""

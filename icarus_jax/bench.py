@@ -8,7 +8,6 @@ slept; with a simulated engine (``cost_model.RooflineSimulator``), time is virtu
 
 from __future__ import annotations
 
-import time
 
 from icarus_jax.engine import Engine
 from icarus_jax.errors import IcarusError
@@ -20,7 +19,6 @@ from icarus_jax.workload import Workflow
 def run_workflows(engine: Engine, workflows: list[Workflow], model_names: list[str | None], *,
                   progress: bool = False, desc: str = "") -> dict:
   """Runs every workflow to completion; returns vLLM-style metrics plus cache statistics."""
-  simulated = engine.simulator is not None
   clock = engine.clock
   t0 = clock()
   order = sorted(workflows, key=lambda w: w.arrival)
@@ -58,11 +56,7 @@ def run_workflows(engine: Engine, workflows: list[Workflow], model_names: list[s
       nxt += 1
     if not engine.has_work:
       if nxt < len(order):
-        wait = order[nxt].arrival - (clock() - t0)
-        if simulated:
-          clock.advance_to(t0 + order[nxt].arrival)
-        elif wait > 0:
-          time.sleep(wait)
+        engine.runner.wait_until(t0 + order[nxt].arrival)
       continue
     for out in engine.step():
       if out.request_id not in live:

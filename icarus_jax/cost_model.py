@@ -2,7 +2,8 @@
 hardware (PROJECTION, not a measurement).
 
 ``Engine(..., simulator=RooflineSimulator(cfg, hw))`` runs the same admission, prefix cache,
-eviction and preemption code with no arrays; each step advances a virtual clock by
+eviction and preemption code with no arrays (``runner.RooflineRunner``); each step advances a
+virtual clock by
 
     t = max(bytes / (HBM bandwidth * mem_eff), flops / (peak * flop_eff)) + step_overhead
 
@@ -17,7 +18,6 @@ logits row.
 from __future__ import annotations
 
 import dataclasses
-import zlib
 
 from icarus_jax.config import ModelConfig
 
@@ -152,16 +152,3 @@ class RooflineSimulator:
     t_mem = self.step_bytes(rows, icarus)["total"] / (self.hw.hbm_bandwidth * self.hw.mem_efficiency)
     t_flop = flops / (self.hw.peak_flops * self.hw.flop_efficiency)
     return max(t_mem, t_flop) + self.hw.step_overhead_s
-
-  def run_step(self, engine, rows, decode: bool, shape) -> None:
-    del shape
-    desc = [(start + len(new), len(new), seq.slot) for seq, new, start in rows]
-    dt = self.step_time(desc, decode, engine.mode == "icarus")
-    self.clock.advance(dt)
-    self.total_time += dt
-    self.steps += 1
-
-  @staticmethod
-  def pick_tokens(seqs) -> list[int]:
-    """Deterministic stand-in tokens (the workload fixes output lengths, like --ignore-eos)."""
-    return [32 + zlib.crc32(f"{s.rid}/{s.num_output}".encode()) % 95 for s in seqs]

@@ -26,28 +26,23 @@ import collections
 import dataclasses
 import itertools
 import math
-import time
 from typing import Callable, Hashable, Iterator, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from icarus_jax import engine_steps
-from icarus_jax.adapter_pool import BASE_SLOT, AdapterPool
-from icarus_jax.adapters import (DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGETS, Adapter,
-                                 check_adapter)
+from icarus_jax import step_batch
+from icarus_jax.adapter_pool import BASE_SLOT
+from icarus_jax.adapters import DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGETS, Adapter
 from icarus_jax.config import ModelConfig
 from icarus_jax.errors import IcarusError
-from icarus_jax.page_allocator import NULL_PAGE, PageAllocator
-from icarus_jax.params import Params, base_fingerprint
+from icarus_jax.page_allocator import PageAllocator
+from icarus_jax.params import Params
 from icarus_jax.prefix_cache import PrefixCache
-from icarus_jax.sampling import SamplingParams, sample
+from icarus_jax.runner import ATTENTION_BACKENDS, DeviceRunner, RooflineRunner, Runner
+from icarus_jax.sampling import SamplingParams
+from icarus_jax.step_batch import StepRow
 
 MODES = ("icarus", "isolated")
-ATTENTION_FNS = {"reference": engine_steps.paged_attention_reference,
-                 "pallas": engine_steps.paged_attention_pallas}
-ATTENTION_BACKENDS = tuple(ATTENTION_FNS)
 
 
 class UnknownAdapterError(IcarusError):
@@ -122,44 +117,6 @@ class EngineStats:
     return d["cached_tokens"] / max(1, d["prompt_tokens"])
 
 
-class _SimulatedPool:
-  """Slot bookkeeping only (no arrays) for the simulated engine."""
-
-  def __init__(self, capacity: int):
-    self.capacity = capacity
-    self.slots: dict[str, int] = {}
-    self._free = list(range(capacity, 0, -1))
-
-  @property
-  def has_free_slot(self) -> bool:
-    return bool(self._free)
-
-  def check(self, name, adapter) -> None:
-    del name, adapter
-
-  def add(self, name, adapter) -> int:
-    if not self._free:
-      raise IcarusError(f"adapter pool is full ({self.capacity} adapters)")
-    self.slots[name] = self._free.pop()
-    return self.slots[name]
-
-  def remove(self, name) -> None:
-    self._free.append(self.slots.pop(name))
-
-
-def _bucket(n: int, cap: int, lo: int = 1) -> int:
-  b = max(lo, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
-  return min(b, cap)
-
-
-def _buckets(cap: int, lo: int = 1) -> list[int]:
-  out, b = [], lo
-  while b < cap:
-    out.append(b)
-    b *= 2
-  return out + [cap]
-
-
 class Engine:
   """Continuous-batching multi-adapter engine over one shared paged KV pool.
 
@@ -181,13 +138,19 @@ class Engine:
       interpret mode on CPU, the GPU or TPU lowering on accelerators).
     tokenizer: optional, for text prompts.
     max_seq_len: longest prompt + output (default: the model's).
+    runner: what executes the steps (``runner.DeviceRunner`` by default); ``simulator`` (a
+      ``cost_model.RooflineSimulator``) is shorthand for ``runner.RooflineRunner``: the same
+      scheduling with no arrays, on a virtual clock.
+    record_schedule: keep ``schedule_log``, the sequence of scheduling decisions (admissions,
+      preemptions, steps with their rows), e.g. to compare two runners.
   """
 
   def __init__(self, config: ModelConfig, base_params: Params, *, mode: str = "icarus",
                num_pages: int = 256, page_size: int = 16, max_batch: int = 8,
                prefill_chunk: int = 64, max_adapters: int = 8, max_rank: int = 16,
                targets: Sequence[str] | None = None, attention_backend: str = "reference",
-               tokenizer=None, max_seq_len: int | None = None, simulator=None):
+               tokenizer=None, max_seq_len: int | None = None, simulator=None,
+               runner: Runner | None = None, record_schedule: bool = False):
     if mode not in MODES:
       raise IcarusError(f"mode={mode!r} is unknown; accepted: {MODES}")
     if attention_backend not in ATTENTION_BACKENDS:
@@ -196,7 +159,6 @@ class Engine:
     if page_size < 1 or max_batch < 1 or prefill_chunk < 1:
       raise IcarusError("page_size, max_batch and prefill_chunk must be positive")
     self.cfg = config
-    self.base = base_params
     self.mode = mode
     self.page_size = page_size
     self.max_batch = max_batch
@@ -204,26 +166,21 @@ class Engine:
     self.tokenizer = tokenizer
     self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)
     self.max_pages_per_seq = math.ceil(self.max_seq_len / page_size)
-    self.simulator = simulator
-    self.clock = time.perf_counter if simulator is None else simulator.clock
     if targets is None:
       targets = DEFAULT_ICARUS_TARGETS if mode == "icarus" else DEFAULT_LORA_TARGETS
+    if runner is None and simulator is not None:
+      runner = RooflineRunner(simulator, mode=mode, page_size=page_size, max_adapters=max_adapters)
+    if runner is None:
+      runner = DeviceRunner(config, base_params, mode=mode, num_pages=num_pages,
+                            page_size=page_size, max_adapters=max_adapters, max_rank=max_rank,
+                            targets=targets, attention_backend=attention_backend,
+                            max_batch=max_batch)
+    self.runner = runner
+    self.clock = runner.clock
+    self.fingerprint = runner.fingerprint
     self.alloc = PageAllocator(num_pages)
     self.cache = PrefixCache(page_size, self.alloc)
-    self._page_bytes = (2 * config.num_layers * page_size * config.num_kv_heads * config.head_dim
-                        * jnp.dtype(config.dtype).itemsize)
-    if simulator is None:
-      self.fingerprint = base_fingerprint(config, base_params)
-      self.pool = AdapterPool(config, capacity=max_adapters, max_rank=max_rank,
-                              targets=tuple(targets))
-      self.pages = jnp.zeros((config.num_layers, num_pages, page_size, 2 * config.num_kv_heads,
-                              config.head_dim), config.jnp_dtype)
-    else:  # discrete-event projection: same scheduler and cache, no arrays, modelled step time
-      self.fingerprint = f"simulated:{config.name}"
-      self.pool = _SimulatedPool(max_adapters)
-      self.pages = None
     self.attention_backend = attention_backend
-    self._attn_fn = ATTENTION_FNS[attention_backend]
     self.adapters: dict[str, Adapter] = {}  # every registered adapter (host tier)
     self._resident: collections.OrderedDict[str, None] = collections.OrderedDict()  # LRU
     self._pinned: set = set()  # adapters admitted in the current step
@@ -237,45 +194,30 @@ class Engine:
     self._order = itertools.count()
     self.stats = EngineStats()
     self.shapes_seen: set[tuple] = set()
-    self.mesh = None  # set by sharding.shard_engine (through set_mesh)
-    self._step_attn = self._attn_fn
+    self.schedule_log: list[tuple] | None = [] if record_schedule else None
+
+  def _log(self, *event) -> None:
+    if self.schedule_log is not None:
+      self.schedule_log.append(event)
 
   # ------------------------------------------------------------------------------ adapters
-  def set_mesh(self, mesh, kv_axis: str | None) -> None:
-    """Declares that base, pool and pages now live on ``mesh`` (``sharding.shard_engine``).
-
-    Batch metadata is then placed over the ``data`` axis; with the Pallas backend the attention
-    runs per device over its KV heads (``engine_steps.ShardedAttention`` on ``kv_axis``), which
-    GSPMD could not do for a custom call. The reference backend is partitioned by GSPMD.
-    """
-    self.mesh = mesh
-    self._step_attn = self._attn_fn
-    if mesh is not None and kv_axis is not None and self.attention_backend == "pallas" \
-        and mesh.shape[kv_axis] > 1:
-      self._step_attn = engine_steps.ShardedAttention(self._attn_fn, mesh, kv_axis)
 
   def add_adapter(self, adapter: Adapter, name: str | None = None) -> None:
     """Registers ``adapter`` under ``name`` (default: its own). Checks gate and fingerprint."""
     name = name or adapter.name
     if name in self.adapters:
       raise IcarusError(f"adapter {name!r} is already registered")
-    if self.simulator is None:
-      check_adapter(self.cfg, self.base, adapter, require_icarus=(self.mode == "icarus"),
-                    fingerprint=self.fingerprint)
-      if self.mode == "isolated" and adapter.config.is_icarus:
-        raise IcarusError(f"isolated mode serves conventional models; adapter {name!r} is of "
-                          f"kind {adapter.kind!r} (use kind='lora')")
-      self.pool.check(name, adapter)
-      adapter = jax.tree_util.tree_map(np.asarray, adapter)  # the host tier holds it
+    adapter = self.runner.prepare_adapter(name, adapter)  # gate, fingerprint, pool fit
     self.adapters[name] = adapter
     self._adapter_gen[name] = next(self._gens)
-    if self.pool.has_free_slot:  # warm it while slots are free
+    if self.runner.has_free_slot:  # warm it while slots are free
       self._load(name)
 
   def _load(self, name: str) -> None:
-    self.pool.add(name, self.adapters[name])
+    self.runner.load_adapter(name, self.adapters[name])
     self._resident[name] = None
     self.stats.adapter_loads += 1
+    self._log("load", name)
 
   def _make_resident(self, name: str) -> bool:
     """Puts ``name`` in a device slot (LRU eviction of an idle adapter if needed); False if
@@ -283,12 +225,12 @@ class Engine:
     if name in self._resident:
       self._resident.move_to_end(name)
       return True
-    if not self.pool.has_free_slot:
+    if not self.runner.has_free_slot:
       busy = {s.adapter for s in self.running} | self._pinned
       victim = next((n for n in self._resident if n not in busy), None)
       if victim is None:
         return False
-      self.pool.remove(victim)
+      self.runner.unload_adapter(victim)
       del self._resident[victim]
       self.stats.adapter_evictions += 1
     self._load(name)
@@ -312,7 +254,7 @@ class Engine:
     busy = any(s.adapter == name for s in itertools.chain(self.waiting, self.running))
     if not busy:
       if name in self._resident:
-        self.pool.remove(name)
+        self.runner.unload_adapter(name)
         del self._resident[name]
       del self.adapters[name]
       self._draining.discard(name)
@@ -398,7 +340,7 @@ class Engine:
     return self.pages_used() * self.bytes_per_page()
 
   def bytes_per_page(self) -> int:
-    return int(self._page_bytes)
+    return int(self.runner.bytes_per_page)
 
   def _ensure_free(self, n: int) -> bool:
     short = n - self.alloc.num_free
@@ -424,8 +366,7 @@ class Engine:
   def _admit(self, seq: _Seq) -> bool:
     """Reserves ``seq``'s pages; its adapter is already in a device slot (``step`` made it
     resident, or passed the request over for this step)."""
-    if seq.adapter is not None:
-      seq.slot = self.pool.slots[seq.adapter]
+    seq.slot = self.runner.slot_of(seq.adapter)
     S = seq.tokens
     ps = self.page_size
     limit = len(S) if self.mode == "icarus" else len(S) - 1  # baseline recomputes the last token
@@ -446,9 +387,7 @@ class Engine:
       return False
     private = self.alloc.allocate(need)
     if m.partial_page is not None:
-      if self.pages is not None:  # copy-on-write of the partially matching page
-        self.pages = engine_steps.copy_pages(self.pages, jnp.array([m.partial_page], jnp.int32),
-                                             jnp.array([private[0]], jnp.int32))
+      self.runner.copy_page(m.partial_page, private[0])  # copy-on-write of the partial match
       self.alloc.decref([m.partial_page])
     seq.page_table = list(shared) + private
     hit = m.num_tokens(ps)
@@ -464,71 +403,23 @@ class Engine:
       pa["prompt_tokens"] += n_prompt
       pa["cached_tokens"] += cached
     self._pinned.add(seq.adapter)  # admitted in this step: its slot may not be taken
+    self._log("admit", seq.rid, hit)
     self._note_usage()
     return True
 
   # ------------------------------------------------------------------------------ steps
-  def _run_rows(self, rows: list[tuple[_Seq, list[int], int]], decode: bool) -> np.ndarray:
-    """One jitted call. ``rows``: (seq, new token ids, first position). Returns logits [n, V]."""
-    n = len(rows)
-    B = _bucket(n, self.max_batch)
-    T = 1 if decode else _bucket(max(len(r[1]) for r in rows), self.prefill_chunk, lo=8)
-    N = _bucket(max(len(r[0].page_table) for r in rows), self.max_pages_per_seq)
-    tokens = np.zeros((B, T), np.int32)
-    positions = np.zeros((B, T), np.int32)
-    valid = np.zeros((B, T), bool)
-    table = np.full((B, N), NULL_PAGE, np.int32)
-    slots = np.zeros((B,), np.int32)
-    dec_token = np.zeros((B,), np.int32)
-    dec_pos = np.zeros((B,), np.int32)
-    for i, (seq, new, start) in enumerate(rows):
-      k = len(new)
-      tokens[i, :k] = new
-      positions[i, :k] = np.arange(start, start + k)
-      valid[i, :k] = True
-      table[i, :len(seq.page_table)] = seq.page_table
-      slots[i] = seq.slot
-      last = start + k - 1 if k else start - 1  # position of the sequence's last token
-      dec_pos[i] = last
-      dec_token[i] = seq.tokens[last]
-      if not decode and k:
-        positions[i, k:] = last  # padding tokens: harmless positions
-    self.shapes_seen.add((self.mode, decode, B, T, N))
-    mesh = getattr(self, "mesh", None)
-    if mesh is not None and self.simulator is None:  # batch metadata over the data axis
-      from icarus_jax.sharding import place_batch
-      tokens, positions, valid, table, slots, dec_token, dec_pos = place_batch(
-          mesh, B, tokens, positions, valid, table, slots, dec_token, dec_pos)
-    if self.simulator is not None:
-      self.simulator.run_step(self, rows, decode, (B, T, N))
-      return None
-    if self.mode == "icarus":
-      logits, self.pages = engine_steps.icarus_step(
-          self.cfg, self.base, self.pool.weights, self.pages, tokens, positions, valid, table,
-          dec_token, dec_pos, slots, attn_fn=self._step_attn)
-    else:
-      last_idx = np.array([max(len(r[1]) - 1, 0) for r in rows] + [0] * (B - n), np.int32)
-      if mesh is not None:
-        (last_idx,) = place_batch(mesh, B, last_idx)
-      logits, self.pages = engine_steps.conventional_step(
-          self.cfg, self.base, self.pool.weights, self.pages, tokens, positions, valid, table,
-          last_idx, slots, attn_fn=self._step_attn)
-    return logits[:n]
+  def _run_rows(self, rows: list[tuple[_Seq, list[int], int]], decode: bool):
+    """One runner step. ``rows``: (seq, new token ids, first position). Returns logits [n, V]."""
+    step = step_batch.build(
+        [StepRow(seq.tokens, start, len(new), seq.page_table, seq.slot) for seq, new, start in rows],
+        decode=decode, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
+        max_pages=self.max_pages_per_seq)
+    self.shapes_seen.add((self.mode, decode) + step.batch.shape)
+    self._log("step", decode, tuple((seq.rid, start, len(new)) for seq, new, start in rows))
+    return self.runner.execute(step)
 
   def _pick_tokens(self, seqs: list[_Seq], logits) -> list[int]:
-    if self.simulator is not None:
-      return self.simulator.pick_tokens(seqs)
-    n = len(seqs)
-    B = _bucket(n, self.max_batch)
-    pad = B - n
-    sp = [s.sampling for s in seqs]
-    f = lambda vals, dt: np.array(vals + [vals[0]] * pad, dt)
-    lg = jnp.pad(logits, ((0, pad), (0, 0))) if pad else logits
-    toks = np.asarray(sample(lg, f([p.temperature for p in sp], np.float32),
-                             f([p.top_k for p in sp], np.int32), f([p.top_p for p in sp], np.float32),
-                             f([p.seed for p in sp], np.uint32),
-                             f([s.num_output for s in seqs], np.int32)))[:n]
-    return [int(t) for t in toks]
+    return self.runner.sample(logits, [(s.sampling, s.num_output, s.rid) for s in seqs])
 
   def _sample_and_append(self, seqs: list[_Seq], logits) -> None:
     if not seqs:
@@ -579,7 +470,7 @@ class Engine:
     except Exception as e:  # noqa: BLE001
       if len(rows) == 1:
         self._fail(rows[0][0], e)
-        return [], None
+        return [], []
     self.stats.isolated_faults += 1
     ok, logits = [], []
     for r in rows:
@@ -590,9 +481,7 @@ class Engine:
         continue
       ok.append(r)
       logits.append(None if lg is None else lg[0])
-    if self.simulator is not None or not ok:
-      return ok, None
-    return ok, jnp.stack(logits)
+    return ok, (self.runner.stack(logits) if ok else [])
 
   def _fail(self, seq: _Seq, err) -> None:
     """Ends ``seq`` with ``finish_reason="error"`` (its computed pages go to the cache)."""
@@ -642,6 +531,7 @@ class Engine:
     victim.num_computed = 0
     self.waiting.appendleft(victim)
     self.stats.preemptions += 1
+    self._log("preempt", victim.rid)
     return victim
 
   def _prefill(self, seqs: list[_Seq]) -> None:
@@ -654,8 +544,6 @@ class Engine:
         new = s.tokens[start:start + self.prefill_chunk]
         rows.append((s, new, start))
       rows, logits = self._run_rows_isolated(rows, decode=False)
-      if logits is None:
-        logits = [None] * len(rows)
       for (s, new, start), lg in zip(rows, logits):
         s.num_computed = start + len(new)
         self.stats.prefill_tokens_computed += len(new)
@@ -666,7 +554,7 @@ class Engine:
       if done:
         for s, _ in done:  # full pages of the prompt become shareable right away
           self.cache.insert(s.ns, s.tokens[:s.num_computed], s.page_table, include_partial=False)
-        lg = None if self.simulator is not None else jnp.stack([d[1] for d in done])
+        lg = self.runner.stack([d[1] for d in done])
         self._sample_and_append([d[0] for d in done], lg)
 
   def step(self) -> list[RequestOutput]:
@@ -805,8 +693,6 @@ class Engine:
     Same shapes are used for every adapter, so bitwise comparison is meaningful: K/V may differ
     in the last bits when batch composition or chunking differ (docs/engine.md).
     """
-    if self.simulator is not None:
-      raise IcarusError("context_kv needs the device runner (not a simulated engine)")
     if isinstance(prompt, str):
       if self.tokenizer is None:
         raise IcarusError("text prompt given but the engine has no tokenizer")
@@ -819,34 +705,9 @@ class Engine:
     if adapter is not None and not self._make_resident(adapter):
       raise IcarusError(f"no device slot free for adapter {adapter!r}: every slot serves a "
                         f"running request")
-    slot = BASE_SLOT if adapter is None else self.pool.slots[adapter]
-    cfg, ps, chunk = self.cfg, self.page_size, self.prefill_chunk
-    n_pages = math.ceil(len(ids) / ps)
-    N = _bucket(n_pages, self.max_pages_per_seq)
-    pages = jnp.zeros((cfg.num_layers, n_pages + 1, ps, 2 * cfg.num_kv_heads, cfg.head_dim),
-                      cfg.jnp_dtype)
-    table = np.zeros((1, N), np.int32)
-    table[0, :n_pages] = np.arange(1, n_pages + 1)
-    for start in range(0, len(ids), chunk):
-      new = ids[start:start + chunk]
-      k = len(new)
-      tokens = np.zeros((1, chunk), np.int32)
-      positions = np.full((1, chunk), start + k - 1, np.int32)
-      valid = np.zeros((1, chunk), bool)
-      tokens[0, :k], positions[0, :k], valid[0, :k] = new, np.arange(start, start + k), True
-      slots = np.array([slot], np.int32)
-      if self.mode == "icarus":
-        _, pages = engine_steps.icarus_step(cfg, self.base, self.pool.weights, pages, tokens,
-                                            positions, valid, table, tokens[:, k - 1],
-                                            positions[:, k - 1], slots, attn_fn=self._step_attn)
-      else:
-        _, pages = engine_steps.conventional_step(cfg, self.base, self.pool.weights, pages,
-                                                  tokens, positions, valid, table,
-                                                  np.array([k - 1], np.int32), slots,
-                                                  attn_fn=self._step_attn)
-    kv = np.asarray(pages)[:, 1:].reshape(cfg.num_layers, n_pages * ps, 2 * cfg.num_kv_heads,
-                                          cfg.head_dim)
-    return kv[:, :len(ids)]
+    return self.runner.context_kv(ids, self.runner.slot_of(adapter), page_size=self.page_size,
+                                  prefill_chunk=self.prefill_chunk,
+                                  max_pages=self.max_pages_per_seq)
 
   def flush_cache(self) -> int:
     """Evicts every unreferenced cached page; returns how many were freed."""
@@ -854,7 +715,7 @@ class Engine:
 
   def num_buckets(self) -> int:
     """Upper bound on distinct step shapes (compiled programs) this engine can produce."""
-    nb = len(_buckets(self.max_batch))
-    nt = len(_buckets(self.prefill_chunk, lo=min(8, self.prefill_chunk)))
-    nn = len(_buckets(self.max_pages_per_seq))
+    nb = len(step_batch.buckets(self.max_batch))
+    nt = len(step_batch.buckets(self.prefill_chunk, lo=min(8, self.prefill_chunk)))
+    nn = len(step_batch.buckets(self.max_pages_per_seq))
     return nb * nn * (nt + 1)

@@ -44,6 +44,7 @@ from icarus_jax.config import ModelConfig
 from icarus_jax.model import (_lora_delta, apply_rope, embed, head, layer_kv, layer_out,
                               layer_q, project, rms_norm)
 from icarus_jax.params import Params
+from icarus_jax.step_batch import StepBatch
 from kernels_pallas.paged_attention import paged_attention
 from kernels_pallas.paged_attention import paged_attention_reference as paged_attention_jnp
 
@@ -152,8 +153,7 @@ def _layer_scan(body, carry, base: Params, pool: Params, pages: jax.Array):
   return carry, pool_flat.reshape(pages.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attn_fn"), donate_argnums=(3,))
-def icarus_step(cfg: ModelConfig, base: Params, pool: Params, pages: jax.Array,
+def icarus_forward(cfg: ModelConfig, base: Params, pool: Params, pages: jax.Array,
                 tokens: jax.Array, positions: jax.Array, valid: jax.Array, page_table: jax.Array,
                 dec_token: jax.Array, dec_pos: jax.Array, rows: jax.Array, attn_fn=None):
   """Fused ICaRus step. Returns ``(logits [B, V] float32 of the decoder rows, pages)``.
@@ -197,8 +197,7 @@ def icarus_step(cfg: ModelConfig, base: Params, pool: Params, pages: jax.Array,
   return logits, pages
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attn_fn"), donate_argnums=(3,))
-def conventional_step(cfg: ModelConfig, base: Params, pool: Params, pages: jax.Array,
+def conventional_forward(cfg: ModelConfig, base: Params, pool: Params, pages: jax.Array,
                       tokens: jax.Array, positions: jax.Array, valid: jax.Array,
                       page_table: jax.Array, last_idx: jax.Array, rows: jax.Array, attn_fn=None):
   """Baseline step: the row's adapter on every weight, its own K/V written to its own pages.
@@ -221,6 +220,29 @@ def conventional_step(cfg: ModelConfig, base: Params, pool: Params, pages: jax.A
   h_last = jnp.take_along_axis(h, last_idx[:, None, None], axis=1)
   logits = head(cfg, base, pool.get("lm_head"), h_last, rows)[:, 0]
   return logits, pages
+
+
+_STEP_JIT = dict(static_argnames=("cfg", "attn_fn"), donate_argnums=(3,))
+icarus_step = jax.jit(icarus_forward, **_STEP_JIT)
+conventional_step = jax.jit(conventional_forward, **_STEP_JIT)
+
+
+def serving_step(cfg: ModelConfig, mode: str, base: Params, pool: Params, pages: jax.Array,
+                 batch: StepBatch, attn_fn=None):
+  """The engine's step on a :class:`~icarus_jax.step_batch.StepBatch`: ``mode="icarus"`` runs
+  :func:`icarus_forward`, ``"isolated"`` :func:`conventional_forward`. Returns
+  ``(logits [B, V] float32, pages)``. Un-jitted: the device runner jits it with the shardings of
+  its mesh (``runner.DeviceRunner``); :data:`step` is the jit without a mesh.
+  """
+  b = batch
+  if mode == "icarus":
+    return icarus_forward(cfg, base, pool, pages, b.tokens, b.positions, b.valid, b.page_table,
+                          b.dec_token, b.dec_pos, b.slots, attn_fn=attn_fn)
+  return conventional_forward(cfg, base, pool, pages, b.tokens, b.positions, b.valid,
+                              b.page_table, b.last_idx, b.slots, attn_fn=attn_fn)
+
+
+step = jax.jit(serving_step, static_argnames=("cfg", "mode", "attn_fn"), donate_argnums=(4,))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))

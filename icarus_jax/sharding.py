@@ -118,24 +118,10 @@ def shard_base(cfg: ModelConfig, params, mesh: Mesh, rules=None):
 
 
 def shard_engine(engine, mesh: Mesh, rules=None):
-  """Places an ``Engine``'s base, adapter pool and KV pages on ``mesh`` (in place; returns it)."""
-  rules = rules or load_rules()
-  cfg = engine.cfg
-  check_divisible(cfg, mesh)
-  engine.base = shard_base(cfg, engine.base, mesh, rules)
-  engine.pool.weights = jax.device_put(engine.pool.weights,
-                                       shardings(pool_logical_axes(engine.pool.weights), mesh, rules))
-  engine.pages = jax.device_put(engine.pages, NamedSharding(mesh, _spec(PAGES_AXES, rules)))
-  engine.set_mesh(mesh, rules.get("kv_heads"))
+  """Places an ``Engine``'s base, adapter pool and KV pages on ``mesh`` (its device runner's
+  ``shard``: the step is then jitted with explicit shardings). Returns the engine."""
+  engine.runner.shard(mesh, rules or load_rules())
   return engine
-
-
-def place_batch(mesh: Mesh, batch: int, *arrays):
-  """Puts per-row batch arrays ``[B, ...]`` on the mesh, rows split over ``data`` when
-  ``B`` divides evenly (small buckets stay replicated)."""
-  d = mesh.shape["data"]
-  spec = P("data") if d > 1 and batch % d == 0 else P()
-  return tuple(jax.device_put(a, NamedSharding(mesh, spec)) for a in arrays)
 
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,

@@ -34,7 +34,7 @@ def pool_growth(cfg, e, mesh, attn=None):
     shape = (cfg.num_layers, P, 8, 2 * cfg.num_kv_heads, cfg.head_dim)
     pages = jax.ShapeDtypeStruct(shape, jnp.float32,
                                  sharding=NamedSharding(mesh, _spec(PAGES_AXES, load_rules())))
-    c = engine_steps.icarus_step.lower(cfg, e.base, e.pool.weights, pages, i32(4, 1), i32(4, 1),
+    c = engine_steps.icarus_step.lower(cfg, e.runner.base, e.runner.pool.weights, pages, i32(4, 1), i32(4, 1),
                                        jax.ShapeDtypeStruct((4, 1), jnp.bool_), i32(4, 4), i32(4),
                                        i32(4), i32(4), attn_fn=attn).compile()
     temps.append(c.memory_analysis().temp_size_in_bytes)
@@ -70,7 +70,7 @@ def main():
   args = (np.array([[3, 4, 5, 6]], np.int32), np.array([[0, 1, 2, 3]], np.int32),
           np.ones((1, 4), bool), np.array([[1]], np.int32), np.array([6], np.int32),
           np.array([3], np.int32), np.array([2], np.int32))
-  l0, _ = engine_steps.icarus_step(cfg, e0.base, e0.pool.weights, e0.pages, *args)
+  l0, _ = engine_steps.icarus_step(cfg, e0.runner.base, e0.runner.pool.weights, e0.runner.pages, *args)
   tc = TrainConfig(mode="icarus_lora")
   batch = {"inputs": jnp.asarray(rng.randint(0, 256, (4, 16)), jnp.int32),
            "targets": jnp.asarray(rng.randint(0, 256, (4, 16)), jnp.int32),
@@ -86,7 +86,7 @@ def main():
     ep = shard_engine(engine("pallas"), mesh)
     got_p = [o.output_tokens for o in ep.generate(prompts, names, SamplingParams(max_tokens=6))]
     e1 = shard_engine(engine(), mesh)
-    l1, pages = engine_steps.icarus_step(cfg, e1.base, e1.pool.weights, e1.pages, *args)
+    l1, pages = engine_steps.icarus_step(cfg, e1.runner.base, e1.runner.pool.weights, e1.runner.pages, *args)
     sb = shard_base(cfg, base, mesh)
     ad1 = init_trainable(cfg, base, tc)
     ad1 = jax.tree.map(lambda x: x + 0.01, ad1)
@@ -97,15 +97,15 @@ def main():
         "train_loss_diff": abs(float(m1["loss"]) - float(m0["loss"])),
         "train_params_max_diff": float(max(jax.tree.leaves(jax.tree.map(
             lambda a, b: jnp.abs(a - b).max(), t1.params, t0.params)))),
-        "q_weight_sharding": str(e.base["layers"]["q"].sharding.spec),
-        "q_weight_replicated": e.base["layers"]["q"].sharding.is_fully_replicated,
-        "pages_sharding": str(e.pages.sharding.spec),
-        "pages_devices": len(e.pages.sharding.device_set),
-        "pool_sharding": str(e.pool.weights["layers"]["q"]["b"].sharding.spec),
+        "q_weight_sharding": str(e.runner.base["layers"]["q"].sharding.spec),
+        "q_weight_replicated": e.runner.base["layers"]["q"].sharding.is_fully_replicated,
+        "pages_sharding": str(e.runner.pages.sharding.spec),
+        "pages_devices": len(e.runner.pages.sharding.device_set),
+        "pool_sharding": str(e.runner.pool.weights["layers"]["q"]["b"].sharding.spec),
         **pool_growth(cfg, e, mesh),
         "pallas_tokens_equal": got_p == ref_p,
-        "pallas_sharded_attention": type(ep._step_attn).__name__,
-        "pallas": pool_growth(cfg, ep, mesh, ep._step_attn),
+        "pallas_sharded_attention": type(ep.runner.attn).__name__,
+        "pallas": pool_growth(cfg, ep, mesh, ep.runner.attn),
     }
   try:
     make_mesh("data:4,model:4")

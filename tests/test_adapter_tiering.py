@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from icarus_jax import IcarusError, engine_steps, init_adapter
+from icarus_jax import IcarusError, init_adapter
 from icarus_jax.engine import Engine
 from icarus_jax.reference import reference_generate
 from icarus_jax.sampling import SamplingParams
@@ -63,11 +63,11 @@ def test_zipf_load_over_4_slots_equals_all_resident(tiny, many):
   snap = eng.snapshot()
   assert snap["adapter_evictions"] > 0 and snap["adapter_loads"] == 4 + snap["adapter_evictions"]
   # Swapping adapters never recompiles: the same requests with other adapters, more swaps.
-  compiled = engine_steps.icarus_step._cache_size()
+  compiled = eng.runner.compiled_steps()
   evictions = snap["adapter_evictions"]
   eng.generate(prompts, names[::-1], sp)
   assert eng.stats.adapter_evictions > evictions
-  assert engine_steps.icarus_step._cache_size() == compiled
+  assert eng.runner.compiled_steps() == compiled
   for i in (0, 7, 23):  # and a sample against the independent reference
     cfg, params = tiny
     assert want[i] == reference_generate(cfg, params, eng.adapters[names[i]], prompts[i], 4)

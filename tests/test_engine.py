@@ -246,7 +246,7 @@ def test_adapter_removal_drains(setup):
   list(eng.run())
   assert eng.outputs[rid].output_tokens == reference_generate(
       setup[0], setup[1], setup[2]["icarus"][2], p, 6)
-  assert "agent2" not in eng.adapters and "agent2" not in eng.pool.slots
+  assert "agent2" not in eng.adapters and "agent2" not in eng.resident_adapters
 
 
 def test_invariants_hold_under_a_simulated_heavy_load():
@@ -284,7 +284,7 @@ def test_compiled_programs_stay_within_buckets(setup):
   """Two different mixed workloads (prompt lengths 1..60, outputs 1..10, four models): every
   compiled step program is one of the engine's buckets, so nothing compiles per request."""
   eng = make_engine(setup, "icarus", max_batch=4)
-  before = engine_steps.icarus_step._cache_size()
+  before = eng.runner.compiled_steps()
   names = [None, "agent0", "agent1", "agent2"]
   for seed in (0, 1):
     rng = np.random.RandomState(seed)
@@ -292,7 +292,7 @@ def test_compiled_programs_stay_within_buckets(setup):
       eng.submit(list(rng.randint(0, 256, rng.randint(1, 60))), names[i % 4],
                  SamplingParams(max_tokens=int(rng.randint(1, 10))))
     list(eng.run())
-  grown = engine_steps.icarus_step._cache_size() - before
+  grown = eng.runner.compiled_steps() - before
   assert 0 < len(eng.shapes_seen) <= eng.num_buckets()
   assert grown <= len(eng.shapes_seen)  # one program per bucket shape at most, never per request
   assert eng.num_buckets() == 3 * 7 * (2 + 1)  # batch {1,2,4} x pages {1..64} x T {8,16} + decode
@@ -359,5 +359,5 @@ def test_unknown_attention_backend_is_refused(setup):
   with pytest.raises(IcarusError, match=r"attention_backend='triton' is unknown; accepted: "
                                         r"\('reference', 'pallas'\)"):
     Engine(cfg, params, attention_backend="triton")
-  assert Engine(cfg, params, attention_backend="pallas", num_pages=4)._attn_fn is (
+  assert Engine(cfg, params, attention_backend="pallas", num_pages=4).runner.attn is (
       engine_steps.paged_attention_pallas)

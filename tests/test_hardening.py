@@ -155,7 +155,7 @@ def test_stale_inf_nan_in_hidden_slots_never_leak(tiny, tiny_adapters, mode, bac
       init_adapter(cfg, jax.random.key(40 + i), name=f"agent{i}", kind="lora",
                    base_params=params, rank=4, b_std=0.05) for i in range(3)]
   eng = engine(tiny, ads, mode=mode, backend=backend)
-  eng.pages = jnp.full_like(eng.pages, poison)
+  eng.runner.pages = jnp.full_like(eng.runner.pages, poison)
   ps = prompts(6, [PS - 1, PS + 3, 2 * PS + 1])
   names = [None, "agent0", "agent2"]
   outs = eng.generate(ps, names, SamplingParams(max_tokens=5))
