@@ -26,6 +26,7 @@ import collections
 import dataclasses
 import itertools
 import math
+import os
 from typing import Callable, Hashable, Iterator, Sequence
 
 import numpy as np
@@ -104,6 +105,8 @@ class EngineStats:
   preemptions: int = 0
   adapter_loads: int = 0        # host -> device slot writes
   adapter_evictions: int = 0    # device slots given to another adapter (LRU)
+  adapter_disk_reads: int = 0   # adapters read from disk (registration, or after the host
+                                # tier dropped them)
   isolated_faults: int = 0  # batches that raised and were re-run row by row
   peak_pages_used: int = 0
   steps: int = 0
@@ -129,10 +132,12 @@ class Engine:
     prefill_chunk: most new tokens per row in one prefill call (longer prompts are chunked).
     max_adapters, max_rank, targets: the device adapter pool: ``max_adapters`` slots (fixed
       shapes: loading or swapping adapters never recompiles). Any number of adapters can be
-      registered: they live in host memory and are written into a device slot when a request
-      for them is admitted, evicting the least recently used adapter no running request uses
-      (vLLM's ``max_loras`` over ``max_cpu_loras``); when every slot is busy, the request
-      waits.
+      registered: they live in host memory (``add_adapter``) or on disk (``register_adapter``)
+      and are written into a device slot when a request for them is admitted, evicting the
+      least recently used adapter no running request uses (vLLM's ``max_loras`` over
+      ``max_cpu_loras``); when every slot is busy, the request waits.
+    max_host_adapters: host-memory copies kept of adapters registered by path (LRU; default
+      unbounded); the others are read from disk again on their next use.
     attention_backend: ``"reference"`` (jnp paged attention that gathers the row's pages) or
       ``"pallas"`` (``kernels_pallas``: pages read in place, streams folded into the GQA group;
       interpret mode on CPU, the GPU or TPU lowering on accelerators).
@@ -150,7 +155,8 @@ class Engine:
                prefill_chunk: int = 64, max_adapters: int = 8, max_rank: int = 16,
                targets: Sequence[str] | None = None, attention_backend: str = "reference",
                tokenizer=None, max_seq_len: int | None = None, simulator=None,
-               runner: Runner | None = None, record_schedule: bool = False):
+               runner: Runner | None = None, record_schedule: bool = False,
+               max_host_adapters: int | None = None):
     if mode not in MODES:
       raise IcarusError(f"mode={mode!r} is unknown; accepted: {MODES}")
     if attention_backend not in ATTENTION_BACKENDS:
@@ -181,10 +187,16 @@ class Engine:
     self.alloc = PageAllocator(num_pages)
     self.cache = PrefixCache(page_size, self.alloc)
     self.attention_backend = attention_backend
-    self.adapters: dict[str, Adapter] = {}  # every registered adapter (host tier)
+    if max_host_adapters is not None and max_host_adapters < 0:
+      raise IcarusError(f"max_host_adapters must be >= 0 or None, got {max_host_adapters}")
+    self.adapters: dict[str, Adapter] = {}  # host tier: adapters held in memory
+    self._paths: dict[str, tuple[str, Callable]] = {}  # disk tier: name -> (path, loader)
+    self._host_lru: collections.OrderedDict[str, None] = collections.OrderedDict()  # disk-backed
+    self.max_host_adapters = max_host_adapters
     self._resident: collections.OrderedDict[str, None] = collections.OrderedDict()  # LRU
     self._pinned: set = set()  # adapters admitted in the current step
-    self._adapter_gen: dict[str, int] = {}  # load generation: part of the isolated cache key
+    self._adapter_gen: dict[str, int] = {}  # every registered adapter, in order -> its load
+    # generation (part of the isolated cache key)
     self._gens = itertools.count(1)
     self._draining: set[str] = set()
     self.waiting: collections.deque[_Seq] = collections.deque()
@@ -205,7 +217,7 @@ class Engine:
   def add_adapter(self, adapter: Adapter, name: str | None = None) -> None:
     """Registers ``adapter`` under ``name`` (default: its own). Checks gate and fingerprint."""
     name = name or adapter.name
-    if name in self.adapters:
+    if name in self._adapter_gen:
       raise IcarusError(f"adapter {name!r} is already registered")
     adapter = self.runner.prepare_adapter(name, adapter)  # gate, fingerprint, pool fit
     self.adapters[name] = adapter
@@ -213,8 +225,60 @@ class Engine:
     if self.runner.has_free_slot:  # warm it while slots are free
       self._load(name)
 
+  def register_adapter(self, path, name: str | None = None, *,
+                       loader: Callable[[str, str], Adapter] | None = None) -> None:
+    """Registers the adapter stored at ``path`` (disk tier): it is read and checked now (gate,
+    fingerprint, pool fit: a bad adapter is refused here, never at request time), then kept in
+    host memory only while ``max_host_adapters`` allows and read again on its next use.
+
+    ``loader(path, name) -> Adapter`` defaults to ``peft_io.load_adapter`` for this mode's kind.
+    """
+    path = str(path)
+    if loader is None:
+      from icarus_jax.peft_io import load_adapter
+      kind = "icarus_lora" if self.mode == "icarus" else "lora"
+      loader = lambda p, n: load_adapter(p, kind=kind, name=n)  # noqa: E731
+    name = name or os.path.basename(os.path.normpath(path))
+    if name in self._adapter_gen:
+      raise IcarusError(f"adapter {name!r} is already registered")
+    adapter = self.runner.prepare_adapter(name, loader(path, name))
+    self.stats.adapter_disk_reads += 1
+    self._paths[name] = (path, loader)
+    self.adapters[name] = adapter
+    self._host_lru[name] = None
+    self._adapter_gen[name] = next(self._gens)
+    if self.runner.has_free_slot:
+      self._load(name)
+    self._trim_host_tier()
+
+  def _host_copy(self, name: str) -> Adapter:
+    """The adapter's host copy, read from disk if the host tier dropped it."""
+    if name not in self.adapters:
+      path, loader = self._paths[name]
+      self.adapters[name] = self.runner.prepare_adapter(name, loader(path, name))
+      self.stats.adapter_disk_reads += 1
+      self._log("disk_read", name)
+    if name in self._paths:  # disk-backed: most recently used host copy
+      self._host_lru[name] = None
+      self._host_lru.move_to_end(name)
+    return self.adapters[name]
+
+  def _trim_host_tier(self) -> None:
+    """Drops the least recently used host copies of disk-backed adapters past the limit."""
+    if self.max_host_adapters is None:
+      return
+    while len(self._host_lru) > self.max_host_adapters:
+      victim, _ = self._host_lru.popitem(last=False)
+      del self.adapters[victim]
+
+  @property
+  def host_adapters(self) -> list[str]:
+    """Adapters with a copy in host memory (registered from memory, or read from disk)."""
+    return list(self.adapters)
+
   def _load(self, name: str) -> None:
-    self.runner.load_adapter(name, self.adapters[name])
+    self.runner.load_adapter(name, self._host_copy(name))
+    self._trim_host_tier()
     self._resident[name] = None
     self.stats.adapter_loads += 1
     self._log("load", name)
@@ -243,7 +307,7 @@ class Engine:
 
   def remove_adapter(self, name: str) -> None:
     """Unregisters ``name``: new requests for it are refused; running ones finish first."""
-    if name not in self.adapters or name in self._draining:
+    if name not in self._adapter_gen or name in self._draining:
       raise UnknownAdapterError(f"adapter {name!r} is not registered")
     self._draining.add(name)
     self._maybe_release_adapter(name)
@@ -256,7 +320,9 @@ class Engine:
       if name in self._resident:
         self.runner.unload_adapter(name)
         del self._resident[name]
-      del self.adapters[name]
+      self.adapters.pop(name, None)
+      self._paths.pop(name, None)
+      self._host_lru.pop(name, None)
       self._draining.discard(name)
       gen = self._adapter_gen.pop(name)
       if self.mode == "isolated":  # its K/V is now unreachable: give the pages back
@@ -265,7 +331,7 @@ class Engine:
 
   @property
   def adapter_names(self) -> list[str]:
-    return [n for n in self.adapters if n not in self._draining]
+    return [n for n in self._adapter_gen if n not in self._draining]
 
   # ------------------------------------------------------------------------------ requests
   def submit(self, prompt, adapter: str | None = None, sampling: SamplingParams | None = None, *,
@@ -291,7 +357,7 @@ class Engine:
     bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
     if bad:
       raise IcarusError(f"token ids must be in [0, {self.cfg.vocab_size}); got {bad[:5]}")
-    if adapter is not None and (adapter not in self.adapters or adapter in self._draining):
+    if adapter is not None and (adapter not in self._adapter_gen or adapter in self._draining):
       raise UnknownAdapterError(f"adapter {adapter!r} is not registered; available: "
                                 f"{self.adapter_names}")
     if len(ids) >= self.max_seq_len:
@@ -573,7 +639,12 @@ class Engine:
         seq = self.waiting[0]
         if any(self._shares_page(seq, w) for w in wave):
           break
-        if seq.adapter is not None and not self._make_resident(seq.adapter):
+        try:
+          resident = seq.adapter is None or self._make_resident(seq.adapter)
+        except Exception as e:  # noqa: BLE001 - e.g. its file vanished: this request fails alone
+          self._fail(seq, f"cannot load adapter {seq.adapter!r}: {type(e).__name__}: {e}")
+          continue
+        if not resident:
           no_slot.append(self.waiting.popleft())  # every slot busy: let the others by
           continue
         if not self._admit(seq):
@@ -653,6 +724,7 @@ class Engine:
         pages_cached_idle=self.cache.num_unreferenced(), pages_evicted=self.cache.evicted_pages,
         bytes_per_page=self.bytes_per_page(), preemptions=st.preemptions, steps=st.steps,
         adapter_loads=st.adapter_loads, adapter_evictions=st.adapter_evictions,
+        adapter_disk_reads=st.adapter_disk_reads, host_adapters=len(self.adapters),
         resident_adapters=len(self._resident),
         prompt_tokens=st.prompt_tokens, cached_prompt_tokens=st.cached_prompt_tokens,
         prefill_tokens_computed=st.prefill_tokens_computed, decode_tokens=st.decode_tokens,
@@ -700,7 +772,7 @@ class Engine:
     ids = [int(t) for t in prompt]
     if not ids or len(ids) > self.max_seq_len:
       raise IcarusError(f"prompt must have 1..{self.max_seq_len} tokens, got {len(ids)}")
-    if adapter is not None and adapter not in self.adapters:
+    if adapter is not None and adapter not in self._adapter_gen:
       raise UnknownAdapterError(f"adapter {adapter!r} is not registered")
     if adapter is not None and not self._make_resident(adapter):
       raise IcarusError(f"no device slot free for adapter {adapter!r}: every slot serves a "

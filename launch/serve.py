@@ -36,6 +36,10 @@ flags.DEFINE_integer("max_batch", 32, "Most requests decoded together.")
 flags.DEFINE_integer("prefill_chunk", 64, "Most new tokens per row in one prefill call.")
 flags.DEFINE_integer("max_adapters", 16, "Device adapter slots. Any number of adapters can be "
                      "registered (host memory); they are swapped into a slot on demand (LRU).")
+flags.DEFINE_integer("max_host_adapters", None, "Host-memory copies of adapters (LRU). When "
+                     "set, --adapters are registered by path (disk tier: read and checked at "
+                     "start, read again when next used after being dropped); default: all in "
+                     "memory.")
 flags.DEFINE_integer("max_rank", 16, "Largest LoRA rank the pool holds.")
 flags.DEFINE_integer("max_seq_len", None, "Context limit (default: the model's).")
 flags.DEFINE_enum("attention_backend", "reference", ["reference", "pallas"], "Attention kernels.")
@@ -91,16 +95,21 @@ def build(argv_flags=FLAGS):
   engine = Engine(cfg, base, mode=f.mode, num_pages=f.kv_pages, page_size=f.page_size,
                   max_batch=f.max_batch, prefill_chunk=f.prefill_chunk,
                   max_adapters=f.max_adapters, max_rank=f.max_rank, tokenizer=tokenizer,
-                  max_seq_len=f.max_seq_len, attention_backend=f.attention_backend)
+                  max_seq_len=f.max_seq_len, attention_backend=f.attention_backend,
+                  max_host_adapters=f.max_host_adapters)
   kind = "icarus_lora" if f.mode == "icarus" else "lora"
   paths = f.adapters if f.adapters is not None else (
       [str(p) for p in sorted(DEFAULT_ADAPTERS.glob(f"*-{kind}"))] if DEFAULT_ADAPTERS.exists()
       else [])
   for d in adapter_dirs(paths):
+    trusted = engine.fingerprint if f.trust_foreign_adapters else None
     try:
-      ad = load_adapter(d, kind=kind, name=d.name,
-                        base_fingerprint=engine.fingerprint if f.trust_foreign_adapters else None)
-      engine.add_adapter(ad, d.name)
+      if f.max_host_adapters is not None:  # disk tier
+        engine.register_adapter(d, d.name, loader=lambda p, n: load_adapter(
+            p, kind=kind, name=n, base_fingerprint=trusted))
+      else:
+        engine.add_adapter(load_adapter(d, kind=kind, name=d.name, base_fingerprint=trusted),
+                           d.name)
       logging.info("loaded adapter %s", d.name)
     except IcarusError as e:
       logging.warning("skipping adapter %s: %s", d, e)

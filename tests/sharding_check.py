@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from icarus_jax import IcarusError, init_adapter, init_base_params, tiny_config  # noqa: E402
-from icarus_jax import engine_steps  # noqa: E402
+from icarus_jax import engine_steps, step_batch  # noqa: E402
 from icarus_jax.engine import Engine  # noqa: E402
 from icarus_jax.sampling import SamplingParams  # noqa: E402
 from icarus_jax.sharding import make_mesh, shard_base, shard_engine  # noqa: E402
@@ -65,6 +65,14 @@ def main():
   ref = [o.output_tokens for o in engine().generate(prompts, names, SamplingParams(max_tokens=6))]
   ref_p = [o.output_tokens for o in engine("pallas").generate(prompts, names,
                                                                SamplingParams(max_tokens=6))]
+  def runner_step(e):
+    """One prefill step through the engine's runner (explicit shardings on a mesh)."""
+    st = step_batch.build([step_batch.StepRow([3, 4, 5, 6, 7], 0, 5, [1], 2),
+                           step_batch.StepRow([9, 8, 7], 0, 3, [2], 0)], decode=False,
+                          max_batch=4, prefill_chunk=16, max_pages=4)
+    return np.asarray(e.runner.execute(st))
+
+  r0 = {b: runner_step(engine(b)) for b in ("reference", "pallas")}
   # one step's logits, unsharded
   e0 = engine()
   args = (np.array([[3, 4, 5, 6]], np.int32), np.array([[0, 1, 2, 3]], np.int32),
@@ -87,6 +95,7 @@ def main():
     got_p = [o.output_tokens for o in ep.generate(prompts, names, SamplingParams(max_tokens=6))]
     e1 = shard_engine(engine(), mesh)
     l1, pages = engine_steps.icarus_step(cfg, e1.runner.base, e1.runner.pool.weights, e1.runner.pages, *args)
+    r1 = {b: runner_step(shard_engine(engine(b), mesh)) for b in ("reference", "pallas")}
     sb = shard_base(cfg, base, mesh)
     ad1 = init_trainable(cfg, base, tc)
     ad1 = jax.tree.map(lambda x: x + 0.01, ad1)
@@ -94,6 +103,8 @@ def main():
     out[spec] = {
         "tokens_equal": got == ref,
         "step_logits_max_diff": float(jnp.abs(l1 - l0).max()),
+        "runner_logits_max_diff": {b: float(np.abs(r1[b] - r0[b]).max()) for b in r0},
+        "sharded_step_programs": e.runner.compiled_steps(),
         "train_loss_diff": abs(float(m1["loss"]) - float(m0["loss"])),
         "train_params_max_diff": float(max(jax.tree.leaves(jax.tree.map(
             lambda a, b: jnp.abs(a - b).max(), t1.params, t0.params)))),

@@ -367,21 +367,24 @@ def test_openai_python_client(server, direct):
 @pytest.mark.slow
 def test_launch_serve_subprocess(tmp_path):
   """The absl entry point on the embedded default base and shipped adapters, sharded over a
-  2x2 mesh of forced CPU devices (``--mesh`` goes through ``sharding.shard_engine``)."""
+  2x2 mesh of forced CPU devices (``--mesh`` goes through ``sharding.shard_engine``), adapters
+  registered by path over 2 device slots and 1 host copy."""
   port = free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "ICARUS_API_KEY": "k",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
   root = Path(__file__).resolve().parents[1]
   proc = subprocess.Popen([sys.executable, "-m", "launch.serve", f"--port={port}",
                            "--max_batch=4", "--kv_pages=64", "--log_level=warning",
-                           "--mesh=data:2,model:2"], cwd=root,
+                           "--mesh=data:2,model:2", "--max_adapters=2",
+                           "--max_host_adapters=1"], cwd=root,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     url = f"http://127.0.0.1:{port}"
     assert wait_for(lambda: _health(url), 120), proc.stdout.read() if proc.poll() else "timeout"
     h = {"Authorization": "Bearer k"}
     ids = [m["id"] for m in httpx.get(url + "/v1/models", headers=h).json()["data"]]
-    assert ids[0] == "base" and "sorting-icarus_lora" in ids
+    # every shipped adapter is listed though 2 fit on device and 1 in host memory (disk tier)
+    assert ids[0] == "base" and len(ids) >= 5 and "sorting-icarus_lora" in ids
     r = httpx.post(url + "/v1/completions", headers=h, timeout=120,
                    json=dict(model="sorting-icarus_lora", prompt="3 1 2", max_tokens=3))
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 5

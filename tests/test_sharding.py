@@ -36,6 +36,10 @@ def test_sharded_steps_equal_unsharded(sharded, spec):
   r = sharded[spec]
   assert r["tokens_equal"]                       # greedy engine outputs identical
   assert r["step_logits_max_diff"] <= 1e-5       # one fused prefill step, logits
+  # the engine's step (StepBatch, jitted with explicit in/out shardings), both backends
+  assert r["runner_logits_max_diff"]["reference"] <= 1e-5
+  assert r["runner_logits_max_diff"]["pallas"] <= 1e-5
+  assert r["sharded_step_programs"] > 0          # the mesh-jitted step served generate()
   assert r["train_params_max_diff"] <= 1e-5 and r["train_loss_diff"] <= 1e-5
   assert r["pages_devices"] == 8
   # K/V written in place under sharding too: no pool-shaped copy or all-gather, temporaries flat
