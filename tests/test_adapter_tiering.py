@@ -15,7 +15,7 @@ from icarus_jax.reference import reference_generate
 from icarus_jax.sampling import SamplingParams
 
 PS = 8
-N_ADAPTERS = 24
+N_ADAPTERS = 256
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def zipf_requests(seed, n):
   return prompts, names
 
 
-def test_zipf_load_over_4_slots_equals_all_resident(tiny, many):
+def test_zipf_load_of_256_adapters_over_4_slots_equals_all_resident(tiny, many):
   prompts, names = zipf_requests(0, 40)
   sp = SamplingParams(max_tokens=4)
   full = engine(tiny, many, slots=N_ADAPTERS)
