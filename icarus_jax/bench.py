@@ -1,12 +1,17 @@
 """Drives agentic workflows through an ``Engine`` and measures them (real or virtual time).
 
-Each workflow's turn 0 is sent at the workflow's arrival time; turn k+1 is sent the moment
-turn k finishes, with turn k's output (and the tool observation) in its prompt, to the model of
-turn k+1. With a real engine, time is wall-clock (``time.perf_counter``) and idle gaps are
+Each workflow's turn 0 is sent at the workflow's arrival time; turn k+1 is sent when turn k
+finishes plus turn k's tool latency (0 in the ``paper`` preset), with turn k's output (and the
+tool observation) in its prompt, to the model of turn k+1. ``workflow_aware=True`` tells the
+engine what a workflow is: every turn carries its workflow as ``session`` with a retention TTL
+(its context stays resident across the tool call) and continuing turns are admitted before new
+workflows (``Engine.submit``). With a real engine, time is wall-clock (``time.perf_counter``) and idle gaps are
 slept; with a simulated engine (``cost_model.RooflineSimulator``), time is virtual.
 """
 
 from __future__ import annotations
+
+import heapq
 
 
 from icarus_jax.engine import Engine
@@ -17,14 +22,21 @@ from icarus_jax.workload import Workflow
 
 
 def run_workflows(engine: Engine, workflows: list[Workflow], model_names: list[str | None], *,
-                  progress: bool = False, desc: str = "") -> dict:
-  """Runs every workflow to completion; returns vLLM-style metrics plus cache statistics."""
+                  progress: bool = False, desc: str = "", workflow_aware: bool = False,
+                  retain_s: float = 3.0) -> dict:
+  """Runs every workflow to completion; returns vLLM-style metrics plus cache statistics.
+
+  ``engine``: an ``Engine`` or anything with its serving surface (``submit``, ``step``,
+  ``has_work``, ``clock``, ``runner.wait_until``, ``stats``, ``snapshot``, ``bytes_per_page``),
+  e.g. ``multi_instance.MultiInstance``.
+  """
   clock = engine.clock
   t0 = clock()
   order = sorted(workflows, key=lambda w: w.arrival)
   nxt = 0
   outputs: dict[int, list[list[int]]] = {}
   live: dict[int, tuple[Workflow, int, float]] = {}   # rid -> (workflow, turn, send time)
+  later: list[tuple[float, int, Workflow, int]] = []   # (send time, tiebreak, workflow, turn)
   wf_done: dict[int, float] = {}
   wf_failed: set[int] = set()
   records: list[RequestRecord] = []
@@ -37,8 +49,12 @@ def run_workflows(engine: Engine, workflows: list[Workflow], model_names: list[s
     prompt = w.prompt_for(k, outputs[w.wid])
     t = w.turns[k]
     name = model_names[t.model]
+    kw = {}
+    if workflow_aware:
+      last = k == len(w.turns) - 1
+      kw = dict(session=w.wid, retain_s=0.0 if last else retain_s, priority=1 if k else 0)
     try:
-      rid = engine.submit(prompt, name, SamplingParams(max_tokens=t.max_tokens))
+      rid = engine.submit(prompt, name, SamplingParams(max_tokens=t.max_tokens), **kw)
     except IcarusError:
       records.append(RequestRecord(len(prompt), 0, 0.0, 0.0, [], success=False, model=name))
       wf_failed.add(w.wid)
@@ -47,16 +63,21 @@ def run_workflows(engine: Engine, workflows: list[Workflow], model_names: list[s
       return
     live[rid] = (w, k, clock())
 
-  while nxt < len(order) or live:
+  while nxt < len(order) or live or later:
     now = clock() - t0
+    while later and later[0][0] <= now:
+      _, _, w, k = heapq.heappop(later)
+      send(w, k)
     while nxt < len(order) and order[nxt].arrival <= now:
       w = order[nxt]
       outputs[w.wid] = []
       send(w, 0)
       nxt += 1
     if not engine.has_work:
-      if nxt < len(order):
-        engine.runner.wait_until(t0 + order[nxt].arrival)
+      due = [order[nxt].arrival] if nxt < len(order) else []
+      due += [later[0][0]] if later else []
+      if due:
+        engine.runner.wait_until(t0 + min(due))
       continue
     for out in engine.step():
       if out.request_id not in live:
@@ -75,7 +96,11 @@ def run_workflows(engine: Engine, workflows: list[Workflow], model_names: list[s
         continue
       outputs[w.wid].append(out.output_tokens)
       if k + 1 < len(w.turns):
-        send(w, k + 1)
+        if w.turns[k].tool_latency > 0:
+          heapq.heappush(later, (clock() - t0 + w.turns[k].tool_latency, w.wid * 4096 + k, w,
+                                 k + 1))
+        else:
+          send(w, k + 1)
       else:
         wf_done[w.wid] = clock() - t0 - w.arrival
   duration = clock() - t0
@@ -96,6 +121,9 @@ def run_workflows(engine: Engine, workflows: list[Workflow], model_names: list[s
       "pages_evicted": snap["pages_evicted"],
       "preemptions": st.preemptions,
       "engine_steps": st.steps,
+      "retention_hits": snap.get("retention_hits", 0),
+      "retention_reclaimed": snap.get("retention_reclaimed", 0),
+      "retention_expired": snap.get("retention_expired", 0),
   })
   return m
 

@@ -90,6 +90,9 @@ class _Seq:
   num_computed: int = 0
   admitted_once: bool = False
   order: int = 0
+  session: Hashable | None = None
+  retain_s: float = 0.0
+  priority: int = 0
 
   @property
   def num_output(self) -> int:
@@ -105,6 +108,10 @@ class EngineStats:
   preemptions: int = 0
   adapter_loads: int = 0        # host -> device slot writes
   adapter_evictions: int = 0    # device slots given to another adapter (LRU)
+  retained_contexts: int = 0   # finished requests whose context was kept for their session
+  retention_hits: int = 0      # admissions that found their session's context still retained
+  retention_expired: int = 0   # retained contexts released by their TTL
+  retention_reclaimed: int = 0  # retained contexts released early because memory ran out
   adapter_disk_reads: int = 0   # adapters read from disk (registration, or after the host
                                 # tier dropped them)
   isolated_faults: int = 0  # batches that raised and were re-run row by row
@@ -207,6 +214,9 @@ class Engine:
     self.stats = EngineStats()
     self.shapes_seen: set[tuple] = set()
     self.schedule_log: list[tuple] | None = [] if record_schedule else None
+    # session -> (pages held for it, expiry time): a workflow's context kept while it waits
+    # for a tool (insertion order = oldest first)
+    self._retained: dict[Hashable, tuple[list[int], float]] = {}
 
   def _log(self, *event) -> None:
     if self.schedule_log is not None:
@@ -335,12 +345,26 @@ class Engine:
 
   # ------------------------------------------------------------------------------ requests
   def submit(self, prompt, adapter: str | None = None, sampling: SamplingParams | None = None, *,
-             tenant: str | None = None, callback: Callable | None = None) -> int:
+             tenant: str | None = None, callback: Callable | None = None,
+             session: Hashable | None = None, retain_s: float = 0.0, priority: int = 0) -> int:
     """Queues a request; returns its id. ``prompt``: token ids or text (needs a tokenizer).
+
+    Workflow-aware serving: ``session`` names the workflow (agent run) the request belongs to.
+    With ``retain_s > 0``, when the request finishes its context (prompt + output K/V) is kept
+    resident for the session for up to ``retain_s`` seconds of engine time: LRU eviction takes
+    other pages first, and the next request of the session that is admitted takes it over
+    (Continuum-style TTL pinning across a tool call). Only a decode that needs a page or
+    another session's continuing turn (``priority > 0``) may reclaim it earlier, oldest first.
+    ``priority``: higher is admitted first (FIFO within a priority), e.g. 1 for a workflow's
+    continuing turns so they do not queue behind new workflows.
 
     Raises (nothing is queued then): UnknownAdapterError, RequestTooLargeError, IcarusError
     for an empty prompt, out-of-range ids or malformed sampling.
     """
+    if not (isinstance(retain_s, (int, float)) and 0 <= retain_s < math.inf):
+      raise IcarusError(f"retain_s must be a finite number >= 0, got {retain_s!r}")
+    if not isinstance(priority, int):
+      raise IcarusError(f"priority must be an int, got {priority!r}")
     sampling = sampling or SamplingParams()
     if not isinstance(sampling, SamplingParams):
       raise IcarusError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
@@ -376,8 +400,13 @@ class Engine:
           (self.fingerprint, tenant, adapter, self._adapter_gen.get(adapter, 0)))
     out = RequestOutput(rid, adapter, list(ids), [], arrival_time=self.clock())
     seq = _Seq(rid, adapter, slot, ns, list(ids), list(ids), sampling, callback, out,
-               order=next(self._order))
-    self.waiting.append(seq)
+               order=next(self._order), session=session, retain_s=float(retain_s),
+               priority=priority)
+    # FIFO within a priority: after every waiting request of the same or a higher priority
+    at = len(self.waiting)
+    while at > 0 and self.waiting[at - 1].priority < priority:
+      at -= 1
+    self.waiting.insert(at, seq)
     self.outputs[rid] = out
     return rid
 
@@ -408,8 +437,14 @@ class Engine:
   def bytes_per_page(self) -> int:
     return int(self.runner.bytes_per_page)
 
-  def _ensure_free(self, n: int) -> bool:
+  def _ensure_free(self, n: int, *, may_reclaim: bool = False) -> bool:
+    """Makes ``n`` pages free by evicting unreferenced cached pages (LRU); with
+    ``may_reclaim``, releases retained session contexts (oldest first) when that is not enough."""
     short = n - self.alloc.num_free
+    if short > 0 and may_reclaim:
+      while self._retained and self.cache.num_unreferenced() < short:
+        self._release_retained(next(iter(self._retained)))
+        self.stats.retention_reclaimed += 1
     if short > 0:
       if self.cache.num_unreferenced() < short:
         return False
@@ -417,13 +452,45 @@ class Engine:
       self.cache.evict(max(short, min(32, self.alloc.capacity // 64)))
     return self.alloc.num_free >= n
 
+  def _retain(self, seq: _Seq) -> None:
+    """Holds the cached pages of ``seq``'s computed tokens for its session (called after its
+    pages went to the cache, before its own references are dropped)."""
+    if seq.session in self._retained:
+      self._release_retained(seq.session)
+    m = self.cache.match(seq.ns, seq.tokens[:seq.num_computed])
+    pages = list(m.pages) + ([m.partial_page] if m.partial_page is not None else [])
+    if pages:
+      self.alloc.incref(pages)
+      self._retained[seq.session] = (pages, self.clock() + seq.retain_s)
+      self.stats.retained_contexts += 1
+      self._log("retain", seq.rid, len(pages))
+
+  def _release_retained(self, session: Hashable) -> None:
+    pages, _ = self._retained.pop(session)
+    zero = self.alloc.decref(pages)
+    self.alloc.free([p for p in zero if not self.cache.is_cached(p)])
+
+  def _expire_retained(self) -> None:
+    now = self.clock()
+    for session in [k for k, (_, exp) in self._retained.items() if exp <= now]:
+      self._release_retained(session)
+      self.stats.retention_expired += 1
+
+  @property
+  def retained_sessions(self) -> list:
+    """Sessions whose context is currently retained (oldest first)."""
+    return list(self._retained)
+
   def _note_usage(self):
     self.stats.peak_pages_used = max(self.stats.peak_pages_used, self.pages_used())
 
-  def _release_pages(self, seq: _Seq, computed_tokens: list[int]) -> None:
-    """Gives the sequence's computed pages to the prefix cache and drops its references."""
+  def _release_pages(self, seq: _Seq, computed_tokens: list[int], retain: bool = False) -> None:
+    """Gives the sequence's computed pages to the prefix cache and drops its references
+    (``retain``: the session keeps the cached ones, see ``submit``)."""
     if seq.page_table:
       self.cache.insert(seq.ns, computed_tokens, seq.page_table, include_partial=True)
+      if retain:
+        self._retain(seq)
       zero = self.alloc.decref(seq.page_table)
       self.alloc.free([p for p in zero if not self.cache.is_cached(p)])
     seq.page_table = []
@@ -445,8 +512,11 @@ class Engine:
     self.alloc.incref(shared)
     if m.partial_page is not None:
       self.alloc.incref([m.partial_page])
+    if seq.session in self._retained:  # this request now holds what its session kept
+      self._release_retained(seq.session)
+      self.stats.retention_hits += 1
     watermark = 0 if not self.running else len(self.running) + max(1, self.alloc.capacity // 100)
-    if not self._ensure_free(need + watermark):
+    if not self._ensure_free(need + watermark, may_reclaim=seq.priority > 0):
       self.alloc.decref(shared)
       if m.partial_page is not None:
         self.alloc.decref([m.partial_page])
@@ -581,7 +651,8 @@ class Engine:
 
   def _finish(self, seq: _Seq, reason: str, *, release: bool = True, error: str | None = None):
     if release:
-      self._release_pages(seq, seq.tokens[:seq.num_computed])
+      keep = (seq.session is not None and seq.retain_s > 0 and reason in ("stop", "length"))
+      self._release_pages(seq, seq.tokens[:seq.num_computed], retain=keep)
     if seq in self.running:
       self.running.remove(seq)
     seq.out.finish_reason = reason
@@ -627,6 +698,7 @@ class Engine:
     """Admit, prefill, decode once. Returns the requests that finished in this step."""
     self.stats.steps += 1
     self._pinned = set()
+    self._expire_retained()
     before = {s.rid for s in itertools.chain(self.waiting, self.running)}
     admitted: list[_Seq] = []
     blocked = False
@@ -686,7 +758,7 @@ class Engine:
       if s not in self.running:
         continue  # preempted meanwhile
       while s in self.running and s.num_computed // self.page_size >= len(s.page_table):
-        if self._ensure_free(1):
+        if self._ensure_free(1, may_reclaim=True):
           s.page_table += self.alloc.allocate(1)
         else:
           victim = self._preempt_newest()
@@ -728,19 +800,25 @@ class Engine:
         resident_adapters=len(self._resident),
         prompt_tokens=st.prompt_tokens, cached_prompt_tokens=st.cached_prompt_tokens,
         prefill_tokens_computed=st.prefill_tokens_computed, decode_tokens=st.decode_tokens,
-        isolated_faults=st.isolated_faults,
+        isolated_faults=st.isolated_faults, retained_sessions=len(self._retained),
+        retained_contexts=st.retained_contexts, retention_hits=st.retention_hits,
+        retention_expired=st.retention_expired, retention_reclaimed=st.retention_reclaimed,
         per_adapter={k: dict(v) for k, v in st.per_adapter.items()},
         adapters=list(self.adapter_names))
 
   def check_invariants(self) -> None:
     """Asserts the page bookkeeping is consistent (used by tests and debugging).
 
-    Every page's refcount equals the number of running sequences holding it; no page is both
+    Every page's refcount equals the number of running sequences and retained session
+    contexts holding it; no page is both
     free and held or cached; free + held-or-cached = capacity.
     """
     held = np.zeros(self.alloc.num_pages, np.int64)
     for s in self.running:
       for p in s.page_table:
+        held[p] += 1
+    for pages, _ in self._retained.values():
+      for p in pages:
         held[p] += 1
     for s in self.waiting:
       assert not s.page_table, f"waiting request {s.rid} holds pages"

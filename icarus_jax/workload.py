@@ -7,6 +7,19 @@ appended to the shared context for the next turn. Workflows arrive as a Poisson 
 (gamma-distributed gaps with shape ``burstiness``; 1 = Poisson, < 1 burstier), as in vLLM's
 ``--request-rate`` / ``--burstiness``.
 
+Presets (``PRESETS``; every distribution's source is in ``docs/benchmarks.md``):
+
+* ``paper``: the fixed-length round-robin chain above (``WorkloadConfig``; kept as it was).
+* ``agentic``: shaped like ReAct/Reflexion agent traces (``AgentWorkloadConfig``): a shared
+  system prompt with tool descriptions and few-shot examples (2-4k tokens), a task, 6-12 turns
+  of short actions (thought + tool call, lognormal, 30-200 tokens) and long observations
+  (lognormal, 200-1500 tokens), a tool latency between turns (0.2-3 s) during which the
+  context must survive; routing round-robin (the paper's) or by role (planner / executor /
+  critic: a model is revisited within a workflow).
+* ``coding``: shaped like today's coding agents (TraceLab: ~19K-token system prompt with tool
+  definitions, ~870 new tokens per call, output median ~250 / p90 ~1,600, 16-30 turns), scaled
+  to the model's context by ``coding_agent_config(max_context)``.
+
 Everything is a deterministic function of the seed.
 """
 
@@ -57,6 +70,7 @@ class Turn:
   header: tuple[int, ...]
   observation: tuple[int, ...]
   max_tokens: int
+  tool_latency: float = 0.0        # seconds between this turn's output and the next turn's send
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,3 +113,119 @@ def generate_workflows(cfg: WorkloadConfig) -> list[Workflow]:
       turns.append(Turn(m, tok(cfg.header_len), tok(cfg.observation_len), cfg.output_len))
     out.append(Workflow(w, t, system + tok(cfg.context_len), tuple(turns)))
   return out
+
+
+# ------------------------------------------------------------------------------ agent presets
+ROUTINGS = ("round_robin", "roles")
+ROLES = ("planner", "executor", "critic")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogNormal:
+  """Token counts ``round(median * exp(sigma * z))`` clipped to ``[low, high]``."""
+
+  median: float
+  sigma: float
+  low: int
+  high: int
+
+  def sample(self, rng: np.random.RandomState, scale: float = 1.0) -> int:
+    x = self.median * math.exp(self.sigma * rng.standard_normal())
+    return int(min(max(round(x * scale), max(1, round(self.low * scale))),
+                   max(1, round(self.high * scale))))
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentWorkloadConfig:
+  """Agent-shaped workflows; token lengths are multiplied by ``scale`` (to fit small models)."""
+
+  num_workflows: int = 100
+  num_models: int = 8
+  request_rate: float = 0.2
+  burstiness: float = 1.0
+  routing: str = "round_robin"                  # or "roles"
+  system_len: tuple[int, int] = (2048, 4096)    # shared by every workflow, drawn once
+  task_len: tuple[int, int] = (64, 512)         # per workflow
+  turns: tuple[int, int] = (6, 12)              # inclusive
+  header_len: int = 8
+  action: LogNormal = LogNormal(80, 0.5, 30, 200)          # output tokens per turn
+  observation: LogNormal = LogNormal(550, 0.6, 200, 1500)  # tool output appended per turn
+  tool_latency: tuple[float, float] = (0.2, 3.0)           # log-uniform seconds
+  scale: float = 1.0
+  seed: int = 0
+  token_low: int = 32
+  token_high: int = 127
+
+  def __post_init__(self):
+    if self.routing not in ROUTINGS:
+      raise IcarusError(f"routing={self.routing!r}; accepted: {ROUTINGS}")
+    if self.num_models < 1 or self.num_workflows < 1:
+      raise IcarusError("num_models and num_workflows must be >= 1")
+    if not self.request_rate > 0:
+      raise IcarusError(f"request_rate must be > 0 (or inf), got {self.request_rate}")
+    if not 0 < self.scale:
+      raise IcarusError(f"scale must be > 0, got {self.scale}")
+
+  def max_prompt_len(self) -> int:
+    """Longest possible prompt of the last turn (every length at its upper clip)."""
+    s = lambda n: max(1, round(n * self.scale))  # noqa: E731
+    n = self.turns[1]
+    return (s(self.system_len[1]) + s(self.task_len[1]) + n * self.header_len
+            + (n - 1) * (s(self.action.high) + s(self.observation.high)))
+
+
+def coding_agent_config(max_context: int, **kw) -> AgentWorkloadConfig:
+  """The coding-agent preset scaled so the longest workflow fits ``max_context`` tokens.
+
+  Unscaled (TraceLab, docs/benchmarks.md): ~19K-token system prompt + tool definitions, 16-30
+  turns, ~870 new tokens per call (here: the tool observation), output median ~250 with p90
+  ~1,600 (lognormal sigma = ln(1600/250) / 1.2816 = 1.45, clipped to 4,096), tool time 0.7-18 s.
+  """
+  base = AgentWorkloadConfig(
+      system_len=(18000, 20000), task_len=(200, 2000), turns=(16, 30),
+      action=LogNormal(250, 1.45, 16, 4096), observation=LogNormal(870, 0.8, 50, 8000),
+      tool_latency=(0.7, 18.0), **kw)
+  # expected (not worst-case) final context; the worst case is clipped by the engine's limit
+  n = base.turns[1]
+  typical = (base.system_len[1] + base.task_len[1]
+             + n * (base.header_len + 2 * base.action.median + 1.5 * base.observation.median))
+  scale = min(1.0, 0.9 * max_context / typical)
+  return dataclasses.replace(base, scale=kw.get("scale", scale))
+
+
+def _log_uniform(rng, lo: float, hi: float) -> float:
+  return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+
+
+def generate_agent_workflows(cfg: AgentWorkloadConfig) -> list[Workflow]:
+  """Agent-shaped workflows (see the module docstring). Deterministic in ``cfg.seed``."""
+  rng = np.random.RandomState(cfg.seed)
+  tok = lambda n: tuple(int(x) for x in rng.randint(cfg.token_low, cfg.token_high, n))  # noqa: E731
+  sc = lambda n: max(1, round(n * cfg.scale))  # noqa: E731
+  system = tok(sc(rng.randint(cfg.system_len[0], cfg.system_len[1] + 1)))
+  t, out = 0.0, []
+  for w in range(cfg.num_workflows):
+    if w > 0 and math.isfinite(cfg.request_rate):
+      t += float(rng.gamma(cfg.burstiness, 1.0 / (cfg.request_rate * cfg.burstiness)))
+    task = tok(sc(rng.randint(cfg.task_len[0], cfg.task_len[1] + 1)))
+    n_turns = int(rng.randint(cfg.turns[0], cfg.turns[1] + 1))
+    # roles: plan, then execute / critique alternately, re-planning every 4th turn; each role is
+    # one model of this workflow, so models are revisited within it
+    role_models = [(w + r) % cfg.num_models for r in range(len(ROLES))]
+    turns = []
+    for k in range(n_turns):
+      if cfg.routing == "round_robin":
+        m = (w + k) % cfg.num_models
+      else:
+        role = 0 if k % 4 == 0 else (1 if k % 2 else 2)
+        m = role_models[role]
+      last = k == n_turns - 1
+      turns.append(Turn(m, tok(cfg.header_len),
+                        () if last else tok(cfg.observation.sample(rng, cfg.scale)),
+                        cfg.action.sample(rng, cfg.scale),
+                        0.0 if last else _log_uniform(rng, *cfg.tool_latency)))
+    out.append(Workflow(w, t, system + task, tuple(turns)))
+  return out
+
+
+PRESETS = ("paper", "agentic", "coding")
