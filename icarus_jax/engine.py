@@ -354,7 +354,8 @@ class Engine:
     resident for the session for up to ``retain_s`` seconds of engine time: LRU eviction takes
     other pages first, and the next request of the session that is admitted takes it over
     (Continuum-style TTL pinning across a tool call). Only a decode that needs a page or
-    another session's continuing turn (``priority > 0``) may reclaim it earlier, oldest first.
+    another session's continuing turn (``priority > 0``) may reclaim it earlier, oldest first,
+    or any request while nothing is running (retention never idles the engine).
     ``priority``: higher is admitted first (FIFO within a priority), e.g. 1 for a workflow's
     continuing turns so they do not queue behind new workflows.
 
@@ -516,7 +517,10 @@ class Engine:
       self._release_retained(seq.session)
       self.stats.retention_hits += 1
     watermark = 0 if not self.running else len(self.running) + max(1, self.alloc.capacity // 100)
-    if not self._ensure_free(need + watermark, may_reclaim=seq.priority > 0):
+    # a continuing turn may reclaim retained contexts, and so may any request when nothing runs
+    # (retention must never leave the engine idle with work waiting)
+    may_reclaim = seq.priority > 0 or not self.running
+    if not self._ensure_free(need + watermark, may_reclaim=may_reclaim):
       self.alloc.decref(shared)
       if m.partial_page is not None:
         self.alloc.decref([m.partial_page])
