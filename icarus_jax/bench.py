@@ -108,6 +108,16 @@ def run_workflows(engine: Engine, workflows: list[Workflow], model_names: list[s
     bar.close()
   m = compute_metrics(records, duration)
   m.update(workflow_metrics(list(wf_done.values()), duration))
+  # steady state: workflows that arrived in the middle 80% of the arrival span (no warm-up, no
+  # drain); unfinished ones there count as failures
+  if order:
+    lo, hi = order[len(order) // 10].arrival, order[(9 * len(order)) // 10].arrival
+    mid = [w for w in order if lo <= w.arrival <= hi]
+    lat = [wf_done[w.wid] for w in mid if w.wid in wf_done]
+    steady = workflow_metrics(lat, duration)
+    m.update({f"steady_{k}": v for k, v in steady.items() if "latency" in k})
+    m["steady_workflows"] = len(mid)
+    m["steady_failed_workflows"] = len(mid) - len(lat)
   st = engine.stats
   snap = engine.snapshot()
   m.update({
