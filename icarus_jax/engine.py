@@ -153,6 +153,9 @@ class Engine:
     runner: what executes the steps (``runner.DeviceRunner`` by default); ``simulator`` (a
       ``cost_model.RooflineSimulator``) is shorthand for ``runner.RooflineRunner``: the same
       scheduling with no arrays, on a virtual clock.
+    mixed_steps: decode rows ride along the step's first prefill call (one program runs both,
+      vLLM-V1 style) instead of a separate decode call after the prefills; decode rows are then
+      padded to the prefill chunk's token bucket.
     record_schedule: keep ``schedule_log``, the sequence of scheduling decisions (admissions,
       preemptions, steps with their rows), e.g. to compare two runners.
   """
@@ -163,7 +166,7 @@ class Engine:
                targets: Sequence[str] | None = None, attention_backend: str = "reference",
                tokenizer=None, max_seq_len: int | None = None, simulator=None,
                runner: Runner | None = None, record_schedule: bool = False,
-               max_host_adapters: int | None = None):
+               max_host_adapters: int | None = None, mixed_steps: bool = False):
     if mode not in MODES:
       raise IcarusError(f"mode={mode!r} is unknown; accepted: {MODES}")
     if attention_backend not in ATTENTION_BACKENDS:
@@ -189,6 +192,7 @@ class Engine:
                             targets=targets, attention_backend=attention_backend,
                             max_batch=max_batch)
     self.runner = runner
+    self.mixed_steps = mixed_steps
     self.clock = runner.clock
     self.fingerprint = runner.fingerprint
     self.alloc = PageAllocator(num_pages)
@@ -675,9 +679,15 @@ class Engine:
     self._log("preempt", victim.rid)
     return victim
 
-  def _prefill(self, seqs: list[_Seq]) -> None:
-    """Runs the admitted sequences' uncached tokens (chunked) and samples their next token."""
-    pending = list(seqs)
+  def _prefill(self, seqs: list[_Seq], ride: Sequence[_Seq] = ()) -> None:
+    """Runs the admitted sequences' uncached tokens (chunked) and samples their next token.
+
+    ``ride``: decoding sequences (pages reserved) whose one new token joins the first call
+    (mixed step): a decode row is a prefill row with one token that completes it.
+    """
+    ride = list(ride)
+    riding = set(map(id, ride))
+    pending = ride + list(seqs)
     while pending:
       rows, done = [], []
       for s in pending[:self.max_batch]:
@@ -687,11 +697,15 @@ class Engine:
       rows, logits = self._run_rows_isolated(rows, decode=False)
       for (s, new, start), lg in zip(rows, logits):
         s.num_computed = start + len(new)
-        self.stats.prefill_tokens_computed += len(new)
-        self.stats.per_adapter[s.adapter]["prefill_tokens_computed"] += len(new)
+        if id(s) in riding:
+          self.stats.decode_tokens += 1
+        else:
+          self.stats.prefill_tokens_computed += len(new)
+          self.stats.per_adapter[s.adapter]["prefill_tokens_computed"] += len(new)
         if s.num_computed == len(s.tokens):
           done.append((s, lg))
-      pending = [s for s in pending if s.num_computed < len(s.tokens) and not s.out.finished]
+      pending = [s for s in pending if s.num_computed < len(s.tokens) and not s.out.finished
+                 and id(s) not in riding]
       if done:
         for s, _ in done:  # full pages of the prompt become shareable right away
           self.cache.insert(s.ns, s.tokens[:s.num_computed], s.page_table, include_partial=False)
@@ -706,6 +720,10 @@ class Engine:
     before = {s.rid for s in itertools.chain(self.waiting, self.running)}
     admitted: list[_Seq] = []
     blocked = False
+    ride: list[_Seq] = []
+    if self.mixed_steps:  # decodes first get their pages, then ride along the first prefill
+      ride = self._reserve_decode_pages(
+          [s for s in self.running if s.num_computed == len(s.tokens) - 1])
     while self.waiting and not blocked and len(self.running) < self.max_batch:
       # A wave ends where a request shares a page-sized prefix with one admitted in the same
       # wave: it waits until that prefix is computed and cached, then reuses it (fan-out).
@@ -731,10 +749,16 @@ class Engine:
       if not wave:
         break
       self.running.extend(wave)
-      self._prefill(wave)
+      ride = [s for s in ride if s in self.running]  # admission never preempts, but be exact
+      self._prefill(wave, ride)
+      ride = []
       admitted += wave
-    decoding = [s for s in self.running if s.num_computed == len(s.tokens) - 1 and s not in admitted]
-    decoding = self._reserve_decode_pages(decoding)
+    if self.mixed_steps:
+      decoding = [s for s in ride if s in self.running]  # no prefill to ride on this step
+    else:
+      decoding = [s for s in self.running
+                  if s.num_computed == len(s.tokens) - 1 and s not in admitted]
+      decoding = self._reserve_decode_pages(decoding)
     if decoding:
       rows = [(s, [s.tokens[s.num_computed]], s.num_computed) for s in decoding]
       rows, logits = self._run_rows_isolated(rows, decode=True)

@@ -361,3 +361,35 @@ def test_unknown_attention_backend_is_refused(setup):
     Engine(cfg, params, attention_backend="triton")
   assert Engine(cfg, params, attention_backend="pallas", num_pages=4).runner.attn is (
       engine_steps.paged_attention_pallas)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@BACKENDS
+def test_mixed_steps_equal_naive_reference(setup, mode, backend):
+  """``mixed_steps=True``: decode rows ride along the prefill of requests joining mid-run (one
+  program runs both), with chunked prompts: outputs equal the
+  naive reference and some steps really mixed decode and prefill rows."""
+  eng = make_engine(setup, mode, num_pages=40, attention_backend=backend, mixed_steps=True,
+                    record_schedule=True)
+  names = [None, "agent0", "agent1", "agent2"]
+  first = prompts(7, [PS + 3, 2 * PS, 3 * PS + 1])
+  rids = [eng.submit(p, names[i], SamplingParams(max_tokens=9)) for i, p in enumerate(first)]
+  eng.step()
+  late = prompts(8, [37, 5, 2 * PS + 2])
+  late_names = ["agent2", None, "agent1"]
+  for p, n in zip(late, late_names):
+    eng.step()
+    rids.append(eng.submit(p, n, SamplingParams(max_tokens=6)))
+  while eng.has_work:
+    eng.step()
+    eng.check_invariants()
+  for rid, p, n in zip(rids, first + late, names[:3] + late_names):
+    out = eng.outputs[rid]
+    assert out.finish_reason == "length"
+    assert out.output_tokens == ref(setup, eng, n, p, len(out.output_tokens)), (mode, n, len(p))
+  mixed = 0
+  for e in eng.schedule_log:
+    if e[0] == "step" and not e[1]:
+      lens = [k for _, _, k in e[2]]
+      mixed += 1 in lens and any(k > 1 for k in lens)
+  assert mixed > 0
