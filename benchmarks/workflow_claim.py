@@ -48,6 +48,9 @@ flags.DEFINE_float("retain_s", 3.0, "Context retention TTL (s) of workflow-aware
 flags.DEFINE_float("slo_factor", 2.0, "SLO: steady P95 <= slo_factor x the unloaded P95.")
 flags.DEFINE_string("points", "docs/results/workflow_claim.points.jsonl", "Resumable points.")
 flags.DEFINE_string("out", "docs/results/workflow_claim.json", "Summary JSON (md, png beside).")
+flags.DEFINE_float("kv_gb", 0.0, "Single-engine systems: KV budget in GB instead of the "
+                   "hardware-derived one (cost_model.kv_budget); e.g. 20 reproduces the old "
+                   "docs/results/workflow.md projection.")
 flags.DEFINE_bool("summarize_only", False, "Only rebuild tables, plots and summaries.")
 
 KEEP = ("completed", "failed", "failed_workflows", "workflow_throughput", "p50_workflow_latency_ms",
@@ -87,9 +90,10 @@ def build_system(system: str, cfg, hw, n: int):
   if system in ("icarus", "icarus_unaware", "multi_lora"):
     mode = "isolated" if system == "multi_lora" else "icarus"
     slots = max(8, n)
-    pages = kv_budget(cfg, hw, adapter_slots=slots).kv_pages + 1
-    eng = Engine(cfg, None, mode=mode, num_pages=pages, max_adapters=slots,
-                 simulator=RooflineSimulator(cfg, hw), **kw)
+    sim = RooflineSimulator(cfg, hw)
+    pages = (int(FLAGS.kv_gb * 1e9 // (sim.kv_bytes_per_token * 16)) + 1 if FLAGS.kv_gb > 0
+             else kv_budget(cfg, hw, adapter_slots=slots).kv_pages + 1)
+    eng = Engine(cfg, None, mode=mode, num_pages=pages, max_adapters=slots, simulator=sim, **kw)
     kind = "icarus_lora" if mode == "icarus" else "lora"
     for nm in names:
       eng.add_adapter(Adapter({}, AdapterConfig(name=nm, kind=kind)))
@@ -125,7 +129,7 @@ def run_points(log=print) -> None:
       hw = HARDWARE[p["hardware"]]
       ik = (p["hardware"], p["system"], p["n_models"])
       t0 = time.time()
-      rec = dict(p, workflows=FLAGS.workflows, retain_s=FLAGS.retain_s)
+      rec = dict(p, workflows=FLAGS.workflows, retain_s=FLAGS.retain_s, kv_gb=FLAGS.kv_gb)
       if ik in infeasible:
         rec.update(infeasible=infeasible[ik])
       else:

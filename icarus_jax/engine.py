@@ -378,13 +378,13 @@ class Engine:
         raise IcarusError("text prompt given but the engine has no tokenizer")
       prompt = self.tokenizer.encode(prompt)
     try:
-      ids = [int(t) for t in prompt]
+      ids = list(map(int, prompt))
     except (TypeError, ValueError):
       raise IcarusError("prompt must be a string or a sequence of int token ids") from None
     if not ids:
       raise IcarusError("prompt is empty")
-    bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
-    if bad:
+    if min(ids) < 0 or max(ids) >= self.cfg.vocab_size:
+      bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
       raise IcarusError(f"token ids must be in [0, {self.cfg.vocab_size}); got {bad[:5]}")
     if adapter is not None and (adapter not in self._adapter_gen or adapter in self._draining):
       raise UnknownAdapterError(f"adapter {adapter!r} is not registered; available: "
@@ -501,7 +501,7 @@ class Engine:
     seq.page_table = []
 
   # ------------------------------------------------------------------------------ admission
-  def _admit(self, seq: _Seq) -> bool:
+  def _admit(self, seq: _Seq, idle: bool = False) -> bool:
     """Reserves ``seq``'s pages; its adapter is already in a device slot (``step`` made it
     resident, or passed the request over for this step)."""
     seq.slot = self.runner.slot_of(seq.adapter)
@@ -521,9 +521,9 @@ class Engine:
       self._release_retained(seq.session)
       self.stats.retention_hits += 1
     watermark = 0 if not self.running else len(self.running) + max(1, self.alloc.capacity // 100)
-    # a continuing turn may reclaim retained contexts, and so may any request when nothing runs
-    # (retention must never leave the engine idle with work waiting)
-    may_reclaim = seq.priority > 0 or not self.running
+    # a continuing turn may reclaim retained contexts, and so may any request when the engine
+    # would otherwise idle (``idle``: nothing running or admitted in this step)
+    may_reclaim = seq.priority > 0 or idle
     if not self._ensure_free(need + watermark, may_reclaim=may_reclaim):
       self.alloc.decref(shared)
       if m.partial_page is not None:
@@ -558,7 +558,7 @@ class Engine:
         [StepRow(seq.tokens, start, len(new), seq.page_table, seq.slot) for seq, new, start in rows],
         decode=decode, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
         max_pages=self.max_pages_per_seq)
-    self.shapes_seen.add((self.mode, decode) + step.batch.shape)
+    self.shapes_seen.add((self.mode, decode) + step.shape)
     self._log("step", decode, tuple((seq.rid, start, len(new)) for seq, new, start in rows))
     return self.runner.execute(step)
 
@@ -741,7 +741,7 @@ class Engine:
         if not resident:
           no_slot.append(self.waiting.popleft())  # every slot busy: let the others by
           continue
-        if not self._admit(seq):
+        if not self._admit(seq, idle=not self.running and not wave and not admitted):
           blocked = True
           break
         wave.append(self.waiting.popleft())

@@ -24,6 +24,7 @@ prefill); only the arrays enter the jitted program, so the compiled step depends
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence
 
@@ -69,17 +70,26 @@ jax.tree_util.register_dataclass(StepBatch, data_fields=list(ARRAY_FIELDS), meta
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-  """A batch plus host-only facts: ``num_rows`` real rows (the rest is padding), ``decode``."""
+  """The scheduler's rows for one step, bucketed to ``shape = (B, T, N)``, plus host-only facts:
+  ``num_rows`` real rows (the rest of ``B`` is padding) and ``decode``. The arrays
+  (:attr:`batch`) are packed on first use, so a runner that only prices the step (the
+  roofline) never pays for them."""
 
-  batch: StepBatch
-  num_rows: int
+  rows: tuple[StepRow, ...]
+  shape: tuple[int, int, int]
   decode: bool
+
+  @property
+  def num_rows(self) -> int:
+    return len(self.rows)
+
+  @functools.cached_property
+  def batch(self) -> StepBatch:
+    return _pack(self.rows, self.shape)
 
   def row_costs(self) -> list[tuple[int, int, int]]:
     """``(context after the step, new tokens, slot)`` of each real row (the roofline's input)."""
-    b = self.batch
-    n_new = np.asarray(b.valid).sum(axis=1)
-    return [(int(b.dec_pos[i]) + 1, int(n_new[i]), int(b.slots[i])) for i in range(self.num_rows)]
+    return [(r.start + r.num_new, r.num_new, r.slot) for r in self.rows]
 
 
 def bucket(n: int, cap: int, lo: int = 1) -> int:
@@ -107,6 +117,14 @@ def build(rows: Sequence[StepRow], *, decode: bool, max_batch: int, prefill_chun
   B = bucket(n, max_batch)
   T = 1 if decode else bucket(max(r.num_new for r in rows), prefill_chunk, lo=min(8, prefill_chunk))
   N = bucket(max(len(r.page_table) for r in rows), max_pages)
+  for i, r in enumerate(rows):
+    if r.num_new > T:
+      raise ValueError(f"row {i} has {r.num_new} new tokens; this step takes at most {T}")
+  return Step(tuple(rows), (B, T, N), decode)
+
+
+def _pack(rows: Sequence[StepRow], shape: tuple[int, int, int]) -> StepBatch:
+  B, T, N = shape
   tokens = np.zeros((B, T), np.int32)
   positions = np.zeros((B, T), np.int32)
   valid = np.zeros((B, T), bool)
@@ -117,8 +135,6 @@ def build(rows: Sequence[StepRow], *, decode: bool, max_batch: int, prefill_chun
   last_idx = np.zeros((B,), np.int32)
   for i, r in enumerate(rows):
     k, start = r.num_new, r.start
-    if k > T:
-      raise ValueError(f"row {i} has {k} new tokens; this step takes at most {T}")
     tokens[i, :k] = r.tokens[start:start + k]
     positions[i, :k] = np.arange(start, start + k)
     valid[i, :k] = True
@@ -130,5 +146,4 @@ def build(rows: Sequence[StepRow], *, decode: bool, max_batch: int, prefill_chun
     last_idx[i] = max(k - 1, 0)
     if k:
       positions[i, k:] = last  # padding tokens: harmless positions (they write nowhere)
-  return Step(StepBatch(tokens, positions, valid, table, slots, dec_token, dec_pos, last_idx),
-              num_rows=n, decode=decode)
+  return StepBatch(tokens, positions, valid, table, slots, dec_token, dec_pos, last_idx)

@@ -140,6 +140,12 @@ def test_retention_expires_and_yields_to_decode(tiny):
   outs = list(eng2.run())
   assert outs[0].finish_reason == "length"
   assert eng2.snapshot()["retention_reclaimed"] == 1 and eng2.retained_sessions == []
+  # nor does it idle the engine: a new workflow that needs the memory while nothing runs gets it
+  eng3 = roofline_engine(tiny)
+  eng3.submit(list(range(200)), None, SamplingParams(max_tokens=4), session="A", retain_s=60)
+  list(eng3.run())
+  outs = eng3.generate([[7 + t % 200 for t in range(300)]], None, SamplingParams(max_tokens=8))
+  assert outs[0].finish_reason == "length" and eng3.retained_sessions == []
   with pytest.raises(IcarusError, match="retain_s must be a finite number"):
     eng2.submit([1], None, retain_s=-1)
 
