@@ -12,7 +12,8 @@ context retention across tool calls, continuing turns first):
   instances_1gpu  baseline (ii): N full models, one instance each, sharing ONE GPU's memory
   instances_eq    baseline (ii) at ceil(N x weights / memory) GPUs
   instances_ngpu  N full models on N GPUs (one each): the baseline with N times the hardware
-Layouts that do not fit are recorded as infeasible with the reason.
+Layouts that do not fit are recorded as infeasible with the reason. Ablations of ICaRus:
+``icarus_unaware`` (no retention, FIFO admission) and ``icarus_mixed`` (mixed steps).
 
 Every point is one JSON line in ``--points`` (resume: points already there are skipped), then
 ``docs/results/workflow_claim.{json,md}``, ``workflow_claim_<hw>_<workload>.png`` and
@@ -87,13 +88,14 @@ def build_system(system: str, cfg, hw, n: int):
   from icarus_jax.multi_instance import MultiInstance, instance_layout, min_gpus
   names = [f"model{i}" for i in range(n)]
   kw = dict(page_size=16, max_batch=64, prefill_chunk=2048, max_seq_len=32768)
-  if system in ("icarus", "icarus_unaware", "multi_lora"):
+  if system in ("icarus", "icarus_unaware", "icarus_mixed", "multi_lora"):
     mode = "isolated" if system == "multi_lora" else "icarus"
     slots = max(8, n)
     sim = RooflineSimulator(cfg, hw)
     pages = (int(FLAGS.kv_gb * 1e9 // (sim.kv_bytes_per_token * 16)) + 1 if FLAGS.kv_gb > 0
              else kv_budget(cfg, hw, adapter_slots=slots).kv_pages + 1)
-    eng = Engine(cfg, None, mode=mode, num_pages=pages, max_adapters=slots, simulator=sim, **kw)
+    eng = Engine(cfg, None, mode=mode, num_pages=pages, max_adapters=slots, simulator=sim,
+                 mixed_steps=system == "icarus_mixed", **kw)
     kind = "icarus_lora" if mode == "icarus" else "lora"
     for nm in names:
       eng.add_adapter(Adapter({}, AdapterConfig(name=nm, kind=kind)))
@@ -241,7 +243,7 @@ def plot(points: list[dict], path_stem: Path) -> list[str]:
   files = []
   styles = {"icarus": ("C0", "-"), "multi_lora": ("C1", "--"), "instances_1gpu": ("C3", ":"),
             "instances_eq": ("C2", "-."), "instances_ngpu": ("C4", (0, (1, 3))),
-            "icarus_unaware": ("C7", "-")}
+            "icarus_unaware": ("C7", "-"), "icarus_mixed": ("C8", "-")}
   for hw, wl in sorted({(r["hardware"], r["workload"]) for r in points}):
     ns = sorted({r["n_models"] for r in points if r["hardware"] == hw and r["workload"] == wl})
     fig, axes = plt.subplots(2, len(ns), figsize=(4.2 * len(ns), 7), squeeze=False)
