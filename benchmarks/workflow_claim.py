@@ -295,7 +295,9 @@ def write_outputs() -> None:
   out.write_text(json.dumps(doc, indent=1))
   keys = ("hardware", "model", "workload", "baseline", "n_models", "p95_ratio_at_baseline_knee",
           "max_sustainable_rate_ratio", "max_throughput_ratio", "prefill_token_ratio", "seeds")
-  (out.parent / "workflow_summary.json").write_text(json.dumps(
+  summary_name = ("workflow_summary.json" if out.stem == "workflow_claim"
+                  else f"{out.stem}_summary.json")
+  (out.parent / summary_name).write_text(json.dumps(
       [{**{k: s.get(k) for k in keys}, "PROJECTION": True,
         **({"baseline_infeasible": s["baseline_infeasible"]} if "baseline_infeasible" in s
            else {})} for s in summary], indent=1))
