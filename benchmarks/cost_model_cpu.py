@@ -1,0 +1,157 @@
+r"""Validates the roofline cost model against the real engine on this CPU.
+
+  python -m benchmarks.cost_model_cpu --out docs/results/cost_model_cpu.json
+
+1. A model large enough that compute, not dispatch, dominates a step (``--d_model`` 512, 8
+   layers: ~29M parameters, float32). The engine's own jitted ICaRus step is timed through its
+   ``DeviceRunner`` for decode and prefill buckets (median of ``--reps`` after a compile).
+2. The CPU "hardware" has two constants, bandwidth and FLOP/s (efficiencies 1), plus the
+   per-step overhead measured on the smallest step; they are fitted by a grid search that
+   minimises the mean absolute relative error of ``RooflineSimulator.step_time`` over the
+   timed steps (half of them; the other half is held out).
+3. The same seeded workflow workload runs twice through ``bench.run_workflows``: on the real
+   engine (wall clock) and on the roofline runner with the fitted constants (virtual clock,
+   the same scheduler code). Reports predicted vs measured step time (held out) and workflow
+   latency, with the errors.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "docs/results/cost_model_cpu.json", "JSON output (md beside it)")
+flags.DEFINE_integer("d_model", 512, "model width")
+flags.DEFINE_integer("layers", 8, "layers")
+flags.DEFINE_integer("reps", 5, "timed repetitions per shape")
+flags.DEFINE_integer("workflows", 6, "workflows in the end-to-end comparison")
+flags.DEFINE_integer("seed", 0, "seed")
+
+
+def model():
+  from icarus_jax import init_base_params, tiny_config
+  d = FLAGS.d_model
+  cfg = tiny_config(d_model=d, num_layers=FLAGS.layers, num_heads=8, num_kv_heads=4,
+                    head_dim=d // 8, mlp_dim=3 * d, vocab_size=8192, max_seq_len=2048)
+  return cfg, init_base_params(cfg, jax.random.key(FLAGS.seed), scale=0.05)
+
+
+def time_steps(eng, shapes):
+  """Median wall time of the engine's step for each (batch, new tokens, context) shape."""
+  from icarus_jax import step_batch
+  out = []
+  for B, T, ctx in shapes:
+    pages = -(-(ctx + T) // eng.page_size)
+    rows = [step_batch.StepRow(list(range(ctx + T)), ctx, T, list(range(1 + i * pages,
+                                                                         1 + (i + 1) * pages)), 0)
+            for i in range(B)]
+    st = step_batch.build(rows, decode=T == 1, max_batch=eng.max_batch,
+                          prefill_chunk=eng.prefill_chunk, max_pages=eng.max_pages_per_seq)
+    jax.block_until_ready(eng.runner.execute(st))  # compile
+    ts = []
+    for _ in range(FLAGS.reps):
+      t0 = time.perf_counter()
+      jax.block_until_ready(eng.runner.execute(st))
+      ts.append(time.perf_counter() - t0)
+    out.append({"batch": B, "new_tokens": T, "context": ctx, "decode": T == 1,
+                "measured_s": statistics.median(ts), "costs": st.row_costs()})
+  return out
+
+
+def fit(cfg, timed):
+  from icarus_jax.cost_model import Hardware, RooflineSimulator
+  overhead = min(t["measured_s"] for t in timed) * 0.5
+  best = None
+  for bw in np.geomspace(2e9, 2e11, 41):
+    for fl in np.geomspace(5e9, 5e11, 41):
+      hw = Hardware("cpu-fit", bw, fl, mem_efficiency=1.0, flop_efficiency=1.0,
+                    step_overhead_s=overhead)
+      sim = RooflineSimulator(cfg, hw, bytes_per_param=4)
+      err = np.mean([abs(sim.step_time(t["costs"], t["decode"], True) - t["measured_s"])
+                     / t["measured_s"] for t in timed])
+      if best is None or err < best[0]:
+        best = (err, hw)
+  return best
+
+
+def run_workload(eng, names, wfs):
+  from icarus_jax.bench import run_workflows
+  return run_workflows(eng, wfs, names)
+
+
+def main(argv):
+  del argv
+  from icarus_jax import init_adapter
+  from icarus_jax.cost_model import RooflineSimulator
+  from icarus_jax.engine import Engine
+  from icarus_jax.workload import WorkloadConfig, generate_workflows
+  cfg, base = model()
+  n_params = sum(x.size for x in jax.tree_util.tree_leaves(base))
+  kw = dict(page_size=16, max_batch=8, prefill_chunk=128, max_seq_len=2048)
+  eng = Engine(cfg, base, num_pages=600, **kw)
+  shapes = [(1, 1, 64), (4, 1, 256), (8, 1, 512), (2, 1, 1024), (8, 1, 128),
+            (1, 128, 0), (2, 64, 256), (4, 128, 128), (1, 32, 512), (8, 16, 64)]
+  timed = time_steps(eng, shapes)
+  train, held = timed[::2], timed[1::2]
+  err, hw = fit(cfg, train)
+  sim = RooflineSimulator(cfg, hw, bytes_per_param=4)
+  for t in timed:
+    t["predicted_s"] = sim.step_time(t["costs"], t["decode"], True)
+    t["rel_error"] = (t["predicted_s"] - t["measured_s"]) / t["measured_s"]
+    del t["costs"]
+  held_err = float(np.mean([abs(t["rel_error"]) for t in held]))
+  # end to end: the same workload on the real engine and on the fitted roofline
+  names = ["a0", "a1"]
+  ads = [init_adapter(cfg, jax.random.key(10 + i), name=n, base_params=base, rank=8, b_std=0.02)
+         for i, n in enumerate(names)]
+  wl = WorkloadConfig(num_workflows=FLAGS.workflows, num_models=2, request_rate=1.0, num_turns=4,
+                      system_len=256, context_len=64, header_len=8, output_len=16,
+                      observation_len=48, seed=FLAGS.seed, token_low=32, token_high=8000)
+  wfs = generate_workflows(wl)
+  warm = Engine(cfg, base, num_pages=600, **kw)
+  for a in ads:
+    warm.add_adapter(a)
+  run_workload(warm, names, wfs)  # compiles every bucket shape the measured run meets
+  real = Engine(cfg, base, num_pages=600, **kw)
+  for a in ads:
+    real.add_adapter(a)
+  m_real = run_workload(real, names, wfs)
+  proj = Engine(cfg, base, num_pages=600, simulator=RooflineSimulator(cfg, hw, bytes_per_param=4),
+                **kw)
+  for a in ads:
+    proj.add_adapter(a)
+  m_proj = run_workload(proj, names, wfs)
+  keys = ("p50_workflow_latency_ms", "p95_workflow_latency_ms", "duration", "engine_steps",
+          "prefill_tokens_computed")
+  e2e = {k: {"measured": m_real[k], "predicted": m_proj[k],
+             "rel_error": (m_proj[k] - m_real[k]) / m_real[k] if m_real[k] else None}
+         for k in keys}
+  out = {"command": "python -m benchmarks.cost_model_cpu " + " ".join(sys.argv[1:]),
+         "date": datetime.datetime.now().isoformat(timespec="seconds"),
+         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                     "jax": jax.__version__},
+         "seed": FLAGS.seed, "model_params": int(n_params), "model": {
+             "d_model": cfg.d_model, "layers": cfg.num_layers, "heads": cfg.num_heads,
+             "kv_heads": cfg.num_kv_heads, "mlp": cfg.mlp_dim, "vocab": cfg.vocab_size},
+         "fitted": {"bandwidth_bytes_per_s": hw.hbm_bandwidth, "flops_per_s": hw.peak_flops,
+                    "step_overhead_s": hw.step_overhead_s, "train_mean_abs_rel_error": err},
+         "heldout_mean_abs_rel_error": held_err, "steps": timed, "workflow": e2e}
+  Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
+  Path(FLAGS.out).write_text(json.dumps(out, indent=1))
+  print(json.dumps({k: out[k] for k in ("model_params", "fitted", "heldout_mean_abs_rel_error",
+                                        "workflow")}, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)
