@@ -67,14 +67,11 @@ def kv_budget(cfg: ModelConfig, hw: Hardware, *, chips: int = 1, utilization: fl
   rows that sample (at most one per sequence; bounded here by the token count). Adapter pool:
   ``adapter_slots`` LoRA slots of ``lora_rank`` on every target. Raises if nothing is left.
   """
-  c = cfg
   total = hw.memory_bytes * chips
   usable = total * utilization
   sim = RooflineSimulator(cfg, hw, lora_rank=lora_rank, bytes_per_param=bytes_per_param)
   weights = sim.weight_bytes  # tied embeddings are counted once
-  per_tok = (2 * c.d_model + c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim
-             + 2 * c.mlp_dim) * bytes_per_param
-  activations = max_tokens_per_step * per_tok + min(max_tokens_per_step, 1024) * c.vocab_size * 4
+  activations = activation_bytes(cfg, max_tokens_per_step, bytes_per_param)
   adapter_pool = adapter_slots * sim.lora_bytes
   kv = usable - weights - activations - adapter_pool
   if kv <= 0:
@@ -83,6 +80,16 @@ def kv_budget(cfg: ModelConfig, hw: Hardware, *, chips: int = 1, utilization: fl
                      f" exceed {utilization:.0%} of {total / 1e9:.0f} GB; add chips")
   page = sim.kv_bytes_per_token * page_size
   return MemoryBudget(total, usable, weights, activations, adapter_pool, kv, int(kv // page))
+
+
+def activation_bytes(cfg: ModelConfig, max_tokens_per_step: int = 8192,
+                     bytes_per_param: int = 2) -> float:
+  """Peak activation workspace of one step of ``max_tokens_per_step`` tokens (see
+  :func:`kv_budget`)."""
+  c = cfg
+  per_tok = (2 * c.d_model + c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim
+             + 2 * c.mlp_dim) * bytes_per_param
+  return max_tokens_per_step * per_tok + min(max_tokens_per_step, 1024) * c.vocab_size * 4
 
 
 class VirtualClock:

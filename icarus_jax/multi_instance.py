@@ -20,10 +20,11 @@ KV pools.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 from icarus_jax.config import ModelConfig
-from icarus_jax.cost_model import Hardware, RooflineSimulator, VirtualClock, kv_budget
+from icarus_jax.cost_model import Hardware, RooflineSimulator, VirtualClock, activation_bytes
 from icarus_jax.engine import Engine, EngineStats, RequestOutput
 from icarus_jax.errors import IcarusError
 
@@ -63,17 +64,10 @@ def instance_layout(cfg: ModelConfig, hw: Hardware, n_models: int, gpus: int = 1
     raise IcarusError(f"n_models and gpus must be >= 1, got {n_models}, {gpus}")
   per_gpu = tuple(sum(1 for m in range(n_models) if m % gpus == g) for g in range(gpus))
   k = max(per_gpu)
-  one = kv_budget(cfg, hw, utilization=utilization, adapter_slots=0, page_size=page_size,
-                  max_tokens_per_step=max_tokens_per_step) if k == 1 else None
   sim = RooflineSimulator(cfg, hw)
-  if one is not None:
-    kv, act = one.kv, one.activations
-  else:
-    c = cfg
-    per_tok = (2 * c.d_model + c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim
-               + 2 * c.mlp_dim) * 2
-    act = max_tokens_per_step * per_tok + min(max_tokens_per_step, 1024) * c.vocab_size * 4
-    kv = (hw.memory_bytes * utilization - k * (sim.weight_bytes + act)) / k
+  act = activation_bytes(cfg, max_tokens_per_step)
+  # for k = 1 this is ``kv_budget`` with no adapter slots, operation for operation
+  kv = (hw.memory_bytes * utilization - k * sim.weight_bytes - k * act) / k
   if kv <= 0:
     raise IcarusError(f"{k} instances of {cfg.name} do not fit one {hw.name}: weights "
                       f"{k * sim.weight_bytes / 1e9:.1f} GB + workspaces {k * act / 1e9:.1f} GB "
@@ -121,8 +115,7 @@ class MultiInstance:
     self._rr = {g: 0 for g in range(layout.gpus)}
     self._done: list[RequestOutput] = []
     self.runner = _Runner(self)
-    self._rid_owner: dict[int, tuple[str, int]] = {}
-    self._next = 0
+    self._ids = itertools.count()
 
   # ------------------------------------------------------------------ time
   def _busy(self) -> list[int]:
@@ -144,9 +137,7 @@ class MultiInstance:
     eng = self.instances[adapter]
     self._clocks[self._gpu[adapter]].advance_to(now)
     rid = eng.submit(prompt, None, sampling, **kw)
-    grid = self._next
-    self._next += 1
-    self._rid_owner[grid] = (adapter, rid)
+    grid = next(self._ids)  # ids unique across instances
     eng.outputs[rid].request_id = grid
     eng.outputs[rid].adapter = adapter
     return grid

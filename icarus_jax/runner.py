@@ -135,13 +135,11 @@ class DeviceRunner:
       batch_sh = StepBatch(*[rows] * len(step_batch.ARRAY_FIELDS))
       logits_sh = NamedSharding(self.mesh, P("data" if split else None, None))
       sh = self._shardings
-      f = functools.partial(engine_steps.serving_step, self.cfg, self.mode, attn_fn=self.attn)
       self._jits[split] = jax.jit(
-          lambda base, pool, pages, batch: f(base, pool, pages, batch),
+          functools.partial(engine_steps.serving_step, self.cfg, self.mode, attn_fn=self.attn),
           in_shardings=(sh["base"], sh["pool"], sh["pages"], batch_sh),
           out_shardings=(logits_sh, sh["pages"]), donate_argnums=(2,))
-    jitted = self._jits[split]
-    return lambda base, pool, pages, batch: jitted(base, pool, pages, batch)
+    return self._jits[split]
 
   def compiled_steps(self) -> int:
     """Compiled step programs so far (tests: adapters moving between tiers never recompile)."""
@@ -162,10 +160,6 @@ class DeviceRunner:
   @property
   def has_free_slot(self) -> bool:
     return self.pool.has_free_slot
-
-  @property
-  def capacity(self) -> int:
-    return self.pool.capacity
 
   def load_adapter(self, name: str, adapter: Adapter) -> int:
     slot = self.pool.add(name, adapter)
@@ -259,10 +253,6 @@ class RooflineRunner:
   @property
   def has_free_slot(self) -> bool:
     return self._slots.has_free_slot
-
-  @property
-  def capacity(self) -> int:
-    return self._slots.capacity
 
   def load_adapter(self, name: str, adapter: Adapter) -> int:
     del adapter
