@@ -84,6 +84,19 @@ class ChatTemplate:
       return cls(tokenizer, tmpl)
     return cls(tokenizer, text)
 
+  def render(self, messages: Sequence[dict]) -> str:
+    """The prompt text of a Jinja template (with the generation prompt), as transformers'
+    ``apply_chat_template(messages, tokenize=False, add_generation_prompt=True)`` renders it."""
+    if self._jinja is None:
+      raise IcarusError("the byte tokenizer's built-in template works on token ids; use encode()")
+    tok = self.tokenizer
+    bos = getattr(tok, "bos_id", None)
+    eos = getattr(tok, "eos_id", None)
+    dec = getattr(tok, "token_text", None)
+    return self._jinja.render(messages=validate_messages(list(messages)), add_generation_prompt=True,
+                              bos_token=dec(bos) if dec and bos is not None else "",
+                              eos_token=dec(eos) if dec and eos is not None else "")
+
   def encode(self, messages: Sequence[dict]) -> list[int]:
     messages = validate_messages(list(messages))
     tok = self.tokenizer
@@ -93,6 +106,4 @@ class ChatTemplate:
       for m in messages:
         ids += [sp[f"<{m['role']}>"]] + tok.encode(m["content"]) + [sp["<sep>"]]
       return ids + [sp["<assistant>"]]
-    text = self._jinja.render(messages=messages, add_generation_prompt=True,
-                              bos_token="", eos_token="")
-    return tok.encode(text)
+    return tok.encode(self.render(messages))

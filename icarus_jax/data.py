@@ -22,14 +22,25 @@ def _text(x) -> str:
   return x.decode("utf-8") if isinstance(x, (bytes, bytearray)) else str(x)
 
 
-def encode_example(tok, example: dict, max_len: int) -> tuple[np.ndarray, np.ndarray]:
-  """``(tokens [n], loss_mask [n])`` where mask[t] = 1 if tokens[t] is a response/eos token."""
+def prompt_ids(tok, prompt: str, chat=None) -> list[int]:
+  """Token ids of a prompt as the model expects it: through ``chat`` (a ``ChatTemplate`` with a
+  Jinja template: one user turn, then the assistant header) or ``[bos] + prompt``."""
+  if chat is not None and getattr(chat, "template", None) is not None:
+    return chat.encode([{"role": "user", "content": prompt}])
+  return tok.encode(prompt, add_bos=True)
+
+
+def encode_example(tok, example: dict, max_len: int, chat=None) -> tuple[np.ndarray, np.ndarray]:
+  """``(tokens [n], loss_mask [n])`` where mask[t] = 1 if tokens[t] is a response/eos token.
+
+  The prompt goes through ``prompt_ids`` (so a chat model trains on its own chat format); the
+  response ends with the tokenizer's eos (a chat model's end-of-turn token)."""
   prompt = _text(example.get("prompt", ""))
   response = _text(example.get("response", ""))
   if not response:
     raise IcarusError(f"example has an empty response (prompt {prompt[:60]!r}); every training "
                       f"example needs a non-empty 'response'")
-  p = [tok.bos_id] + tok.encode(prompt)
+  p = prompt_ids(tok, prompt, chat)
   r = tok.encode(response) + [tok.eos_id]
   ids = p + r
   if len(ids) > max_len:
@@ -98,7 +109,7 @@ def examples_source(task: str, split: str, *, data_dir=None, tfds_config: str = 
   return task_source(task, split, data_dir=data_dir, config=tfds_config)
 
 
-def make_dataset(source, tok, *, batch_size: int, seq_len: int, seed: int):
+def make_dataset(source, tok, *, batch_size: int, seq_len: int, seed: int, chat=None):
   """A grain ``MapDataset`` whose item ``i`` is training batch ``i`` (shuffled, repeating)."""
   import grain
   n = len(source)
@@ -106,19 +117,20 @@ def make_dataset(source, tok, *, batch_size: int, seq_len: int, seed: int):
     raise IcarusError("the training source is empty")
   # Validate every example once, up front, so bad data fails before training starts.
   for i in range(n):
-    encode_example(tok, source[i], seq_len + 1)
+    encode_example(tok, source[i], seq_len + 1, chat)
   ds = (grain.MapDataset.range(n).shuffle(seed=seed).repeat()
-        .map(lambda i: encode_example(tok, source[int(i)], seq_len + 1))
+        .map(lambda i: encode_example(tok, source[int(i)], seq_len + 1, chat))
         .batch(batch_size, batch_fn=lambda items: pad_batch(items, seq_len, tok.pad_id)))
   return ds
 
 
-def eval_prompts(source, tok, limit: int | None = None) -> tuple[list[list[int]], list[str]]:
-  """Prompt token ids (``[bos] + prompt``) and reference answers of an eval split."""
+def eval_prompts(source, tok, limit: int | None = None, chat=None
+                 ) -> tuple[list[list[int]], list[str]]:
+  """Prompt token ids (``prompt_ids``) and reference answers of an eval split."""
   n = len(source) if limit is None else min(limit, len(source))
   prompts, answers = [], []
   for i in range(n):
     ex = source[i]
-    prompts.append([tok.bos_id] + tok.encode(_text(ex["prompt"])))
+    prompts.append(prompt_ids(tok, _text(ex["prompt"]), chat))
     answers.append(_text(ex["response"]))
   return prompts, answers

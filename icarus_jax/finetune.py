@@ -5,21 +5,24 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-TASK_SEQ_LEN = {"addition": 32, "sorting": 32, "reversal": 32, "kv_lookup": 64}
+TASK_SEQ_LEN = {"addition": 32, "sorting": 32, "reversal": 32, "kv_lookup": 64,
+                "city_year": 96, "topic": 96}
 
 
 def train_one(*, mode, task, base_path=None, rank=8, alpha=16.0, targets=None, steps=300,
               batch_size=32, grad_accum=1, seq_len=0, lr=3e-3, warmup=20, seed=0, workdir,
               save_every=100, tfds_dir=None, tfds_config="default", eval_examples=0,
-              progress=True, stop_after=None, base=None, mesh=None):
+              progress=True, stop_after=None, base=None, mesh=None, tokenizer=None,
+              log_every=10):
   """Trains one adapter (resumable in ``workdir``) and returns ``(adapter, history, summary)``.
 
-  ``base``: an already loaded ``(config, params)``; else ``base_path`` (default: embedded base).
+  ``base``: an already loaded ``(config, params)``; else ``base_path`` (default: embedded base,
+  ``smollm2`` for the real model). ``tokenizer``: ``(tokenizer, ChatTemplate)``; default: the
+  base's own (``load_base_tokenizer``): a chat model's prompts go through its chat template.
   """
-  from icarus_jax.assets import load_any_base
+  from icarus_jax.assets import load_any_base, load_base_tokenizer
   from icarus_jax.data import examples_source, make_dataset
   from icarus_jax.peft_io import save_adapter
-  from icarus_jax.tokenizer import ByteTokenizer
   from icarus_jax.trainer import plot_losses, run
   from icarus_jax.training import TrainConfig
 
@@ -28,16 +31,16 @@ def train_one(*, mode, task, base_path=None, rank=8, alpha=16.0, targets=None, s
   if mesh:  # e.g. "data:2,model:4": the frozen base is sharded, the step runs SPMD
     from icarus_jax.sharding import make_mesh, shard_base
     params = shard_base(cfg, params, make_mesh(mesh))
-  tok = ByteTokenizer()
+  tok, chat = tokenizer if tokenizer is not None else load_base_tokenizer(base_path)
   seq_len = seq_len or TASK_SEQ_LEN.get(task, 256)
   tc = TrainConfig(mode=mode, rank=rank, alpha=alpha, targets=tuple(targets) if targets else None,
                    learning_rate=lr, warmup_steps=warmup, total_steps=steps, batch_size=batch_size,
                    grad_accum=grad_accum, seq_len=seq_len, seed=seed)
   src = examples_source(task, "train", data_dir=tfds_dir, tfds_config=tfds_config)
-  ds = make_dataset(src, tok, batch_size=batch_size, seq_len=seq_len, seed=seed)
+  ds = make_dataset(src, tok, batch_size=batch_size, seq_len=seq_len, seed=seed, chat=chat)
   name = f"{Path(task).stem}-{mode}"
   adapter, hist = run(cfg, params, tc, ds, workdir, name=name, save_every=save_every,
-                      progress=progress, stop_after=stop_after)
+                      progress=progress, stop_after=stop_after, log_every=log_every)
   out = {"mode": mode, "task": task, "steps": steps, "seed": seed, "final_loss": hist[-1]["loss"],
          "train_wall_s": round(time.time() - t0, 1)}
   if stop_after is None or stop_after >= steps:
@@ -47,7 +50,7 @@ def train_one(*, mode, task, base_path=None, rank=8, alpha=16.0, targets=None, s
     from icarus_jax.data import eval_prompts
     from icarus_jax.generation import exact_match_accuracy
     test = examples_source(task, "test", data_dir=tfds_dir, tfds_config=tfds_config)
-    prompts, answers = eval_prompts(test, tok, eval_examples)
+    prompts, answers = eval_prompts(test, tok, eval_examples, chat)
     out["accuracy"], _ = exact_match_accuracy(cfg, params, adapter, prompts, answers, tok)
     out["eval_examples"] = len(prompts)
   return adapter, hist, out

@@ -7,6 +7,14 @@ downloads. Tasks:
 * ``sorting``:   ``"sort qdax:"`` -> ``"adqx"`` (4..8 distinct lowercase letters)
 * ``reversal``:  ``"rev hello:"`` -> ``"olleh"`` (4..8 lowercase letters)
 * ``kv_lookup``: ``"ab=7x;q3=k1;...;q3?"`` -> ``"k1"`` (4..8 pairs of 2-character keys/values)
+
+Natural-language tasks for a real model with a real tokenizer and chat template (SmolLM2):
+
+* ``city_year``: a sentence about two people who moved to two cities in two years, and a question
+  about one of them -> ``"Lisbon, 1987"`` (extraction in a fixed answer format; the other
+  person is a distractor, so the answer must be read from the right place in the context).
+* ``topic``: two sentences on one of five topics plus one distractor sentence on another topic,
+  shuffled -> the majority topic's name in lower case (classification, closed label set).
 """
 
 from __future__ import annotations
@@ -49,12 +57,76 @@ def _kv_lookup(rng: random.Random) -> Example:
   return {"prompt": f"{ctx};{keys[q]}?", "response": vals[q]}
 
 
+_FIRST = ("Maria", "John", "Aiko", "Omar", "Lena", "Pedro", "Fatima", "Ivan", "Chloe", "Ravi",
+          "Sofia", "Kwame", "Emma", "Hiro", "Nadia", "Lucas", "Amara", "Tomas", "Yara", "Daniel",
+          "Ines", "Felix", "Mei", "Jonas", "Leila", "Marco", "Anya", "Samuel", "Zara", "Pablo")
+_LAST = ("Lopez", "Smith", "Tanaka", "Haddad", "Novak", "Silva", "Khan", "Petrov", "Martin",
+         "Patel", "Rossi", "Mensah", "Weber", "Sato", "Karimi", "Moreau", "Okafor", "Berg",
+         "Costa", "Cohen")
+_CITIES = ("Lisbon", "Oslo", "Nairobi", "Osaka", "Toronto", "Lima", "Vienna", "Cairo", "Dublin",
+           "Seoul", "Madrid", "Chicago", "Hanoi", "Prague", "Sydney", "Bogota", "Helsinki",
+           "Mumbai", "Zurich", "Manila", "Athens", "Denver", "Krakow", "Accra", "Montreal",
+           "Porto", "Quito", "Riga", "Tunis", "Warsaw")
+_MOVE = ("{a} moved to {ca} in {ya}, and {b} moved to {cb} in {yb}.",
+         "In {ya}, {a} settled in {ca}; {b} arrived in {cb} in {yb}.",
+         "{b} has lived in {cb} since {yb}, while {a} left for {ca} in {ya}.",
+         "Records show that {a} relocated to {ca} in {ya} and {b} to {cb} in {yb}.",
+         "{a} ({ya}, {ca}) and {b} ({yb}, {cb}) both changed cities that decade.")
+
+
+def _city_year(rng: random.Random) -> Example:
+  first = rng.sample(_FIRST, 2)
+  a, b = (f"{f} {rng.choice(_LAST)}" for f in first)
+  ca, cb = rng.sample(_CITIES, 2)
+  ya, yb = rng.sample(range(1950, 2024), 2)
+  text = rng.choice(_MOVE).format(a=a, b=b, ca=ca, cb=cb, ya=ya, yb=yb)
+  who, city, year = (a, ca, ya) if rng.random() < 0.5 else (b, cb, yb)
+  return {"prompt": f"{text}\nWhere did {who} move, and in which year? Answer as: City, Year",
+          "response": f"{city}, {year}"}
+
+
+_TOPICS = {
+    "sports": ("The striker scored twice in the second half.", "Our team trained hard before the final.",
+               "She broke the national record in the marathon.", "The referee stopped the match for rain.",
+               "Fans cheered as the goalkeeper saved the penalty.", "He won the tennis tournament in straight sets.",
+               "The coach changed the lineup at halftime.", "The relay team took gold by a tenth of a second."),
+    "science": ("The telescope detected light from a distant galaxy.", "Cells divide by a process called mitosis.",
+                "The experiment measured the speed of sound in water.", "Researchers sequenced the genome of the plant.",
+                "Electrons carry a negative electric charge.", "The chemist mixed the two solutions carefully.",
+                "A new fossil shows how birds evolved from dinosaurs.", "The lab published its results on quantum dots."),
+    "music": ("The orchestra tuned their violins before the concert.", "She wrote the song on an old piano.",
+              "The drummer kept a steady rhythm all night.", "The band released its third album in spring.",
+              "He practiced scales on the guitar every morning.", "The choir sang in four-part harmony.",
+              "The jazz trio improvised a long solo.", "Her new single climbed the charts quickly."),
+    "food": ("Knead the dough and let it rise for an hour.", "The soup needs more salt and fresh basil.",
+             "He grilled the fish with lemon and garlic.", "The bakery sells warm bread every morning.",
+             "Simmer the tomatoes until the sauce thickens.", "The chef plated the dessert with berries.",
+             "Roast the vegetables with olive oil and pepper.", "The curry was spicy but delicious."),
+    "travel": ("We caught the night train across the border.", "The hotel had a view of the old harbor.",
+               "Pack light if you plan to hike between villages.", "Our flight was delayed by two hours.",
+               "The ferry to the island leaves at dawn.", "She rented a car to explore the coast.",
+               "The guidebook recommended the museum district.", "They checked their passports at the airport."),
+}
+
+
+def _topic(rng: random.Random) -> Example:
+  label, other = rng.sample(sorted(_TOPICS), 2)
+  parts = rng.sample(_TOPICS[label], 2) + [rng.choice(_TOPICS[other])]
+  rng.shuffle(parts)
+  return {"prompt": "Most sentences of this text are about one topic. Which one: sports, science, "
+                    f"music, food or travel?\nText: {' '.join(parts)}", "response": label}
+
+
 TASKS: dict[str, Callable[[random.Random], Example]] = {
     "addition": _addition,
     "sorting": _sorting,
     "reversal": _reversal,
     "kv_lookup": _kv_lookup,
+    "city_year": _city_year,
+    "topic": _topic,
 }
+#: Tasks in natural language, meant for a real tokenizer and chat template.
+CHAT_TASKS = ("city_year", "topic")
 SPLIT_SEEDS = {"train": 1, "test": 2, "validation": 3}
 
 

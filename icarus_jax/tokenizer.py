@@ -43,7 +43,12 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-  """A Hugging Face ``tokenizer.json`` (via the ``tokenizers`` library; no hub access)."""
+  """A Hugging Face ``tokenizer.json`` (via the ``tokenizers`` library; no hub access), or any
+  ``tokenizers.Tokenizer`` with explicit special ids (``from_tokenizer``, used for GGUF files).
+
+  ``add_bos``: whether the model expects BOS in front of a prompt (``encode(add_bos=True)`` only
+  adds one when this is set and a BOS id exists).
+  """
 
   def __init__(self, path: str | os.PathLike, *, eos_token: str | None = None):
     from tokenizers import Tokenizer
@@ -51,24 +56,42 @@ class HFTokenizer:
     if os.path.isdir(p):
       p = os.path.join(p, "tokenizer.json")
     try:
-      self._tok = Tokenizer.from_file(p)
+      tok = Tokenizer.from_file(p)
     except Exception as e:
       raise IcarusError(f"cannot load tokenizer {p}: {e}") from None
-    self.vocab_size = self._tok.get_vocab_size()
-    vocab = self._tok.get_vocab()
+    vocab = tok.get_vocab()
     def find(*names):
       for n in names:
         if n in vocab:
           return vocab[n]
       return None
-    self.eos_id = vocab.get(eos_token) if eos_token else find("<|endoftext|>", "</s>", "<|eot_id|>",
-                                                             "<|im_end|>")
-    self.bos_id = find("<|begin_of_text|>", "<s>")
-    self.pad_id = find("<pad>", "<|finetune_right_pad_id|>", "<|endoftext|>")
+    self._init(tok, eos_id=vocab.get(eos_token) if eos_token else
+               find("<|endoftext|>", "</s>", "<|eot_id|>", "<|im_end|>"),
+               bos_id=find("<|begin_of_text|>", "<s>"),
+               pad_id=find("<pad>", "<|finetune_right_pad_id|>", "<|endoftext|>"), add_bos=True)
+
+  @classmethod
+  def from_tokenizer(cls, tok, *, eos_id: int | None, bos_id: int | None = None,
+                     pad_id: int | None = None, add_bos: bool = False) -> "HFTokenizer":
+    self = cls.__new__(cls)
+    self._init(tok, eos_id=eos_id, bos_id=bos_id, pad_id=pad_id, add_bos=add_bos)
+    return self
+
+  def _init(self, tok, *, eos_id, bos_id, pad_id, add_bos):
+    self._tok = tok
+    self.vocab_size = tok.get_vocab_size()
+    self.eos_id, self.bos_id, self.pad_id, self.add_bos = eos_id, bos_id, pad_id, add_bos
+    if self.pad_id is None:
+      self.pad_id = eos_id
 
   def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
     ids = self._tok.encode(text, add_special_tokens=False).ids
-    return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+    bos = add_bos and self.add_bos and self.bos_id is not None
+    return ([self.bos_id] if bos else []) + ids
 
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def token_text(self, token_id: int) -> str:
+    """The vocabulary string of one id (e.g. ``"<|im_end|>"``)."""
+    return self._tok.id_to_token(int(token_id))

