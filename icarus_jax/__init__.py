@@ -2,7 +2,8 @@
 
 Public API (stable names; see README):
 
-    load_hf(path) -> (config, base_params)
+    load_hf(path) -> (config, base_params)                   (HF dir, or a .gguf file)
+    load_gguf(path, dtype=None) -> (config, base_params)     (llama.cpp GGUF, dequantized)
     forward(config, base_params, tokens, adapter=None) -> logits [B, T, V]
     encode(config, base_params, tokens) -> kv {"k","v": [L, B, T, K, hd]}
     decode(config, base_params, adapter, tokens, kv) -> logits [B, T, V]
@@ -15,6 +16,7 @@ from icarus_jax.adapters import (Adapter, AdapterConfig, check_adapter, init_ada
 from icarus_jax.config import ModelConfig, RopeScaling, list_presets, tiny_config
 from icarus_jax.errors import (AdapterGateError, CheckpointError, ConfigError,
                                FingerprintMismatchError, IcarusError)
+from icarus_jax.gguf_checkpoint import load_gguf
 from icarus_jax.hf_checkpoint import load_hf, save_hf
 from icarus_jax.model import decode, encode, forward, init_cache
 from icarus_jax.orbax_io import load_adapter_orbax, load_base, save_adapter_orbax, save_base
@@ -27,6 +29,6 @@ __all__ = [
     "Adapter", "AdapterConfig", "AdapterGateError", "CheckpointError", "ConfigError",
     "FingerprintMismatchError", "IcarusError", "ModelConfig", "RopeScaling", "base_fingerprint",
     "check_adapter", "decode", "encode", "forward", "init_adapter", "init_base_params",
-    "init_cache", "list_presets", "load_adapter", "load_adapter_orbax", "load_base", "load_hf",
+    "init_cache", "list_presets", "load_adapter", "load_adapter_orbax", "load_base", "load_gguf", "load_hf",
     "merge_adapter", "save_adapter", "save_adapter_orbax", "save_base", "save_hf", "tiny_config",
 ]

@@ -110,15 +110,20 @@ def load_hf(path: str | os.PathLike, *, dtype: str | None = None) -> tuple[Model
   """Loads a Hugging Face checkpoint directory into ``(ModelConfig, base_params)``.
 
   Args:
-    path: directory with ``config.json`` and safetensors weights.
+    path: directory with ``config.json`` and safetensors weights (a ``.gguf`` file is handed to
+      ``icarus_jax.gguf_checkpoint.load_gguf``).
     dtype: parameter dtype (``float32``/``bfloat16``/``float16``); default: the checkpoint's.
   Raises:
     CheckpointError: missing directory/config/tensor, wrong shape, unreadable or truncated file.
     ConfigError: unknown architecture or malformed config.json.
   """
   path = Path(path)
+  from icarus_jax.gguf_checkpoint import is_gguf, load_gguf
+  if is_gguf(path):
+    return load_gguf(path, dtype=dtype)
   if not path.is_dir():
-    raise CheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
+    raise CheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint directory "
+                          f"or a .gguf file)")
   if not (path / "config.json").exists():
     raise CheckpointError(f"{path}: missing config.json")
   cfg = ModelConfig.from_hf_config(path / "config.json", dtype=dtype)

@@ -49,8 +49,8 @@ SHARED_CHAT = ("In 1987, Maria Lopez settled in Lisbon; Omar Haddad arrived in O
 
 def identical_cache_check(cfg, base, adapters, context):
   """Each adapter (and the base) served through the engine's own fused step: the K/V pages it
-  writes for ``context`` (token ids) are bitwise equal, while the adapters' next-token predictions
-  differ."""
+  writes for ``context`` (token ids) are bitwise equal, while the models' next-token predictions
+  differ (``spread``: the largest logit difference between any two of base and adapters)."""
   import numpy as np
 
   import icarus_jax as ij
@@ -64,7 +64,7 @@ def identical_cache_check(cfg, base, adapters, context):
   same = all(np.array_equal(kv, kvs[0]) for kv in kvs[1:])
   kv = ij.encode(cfg, base, np.array([context], np.int32))
   preds = [np.asarray(ij.decode(cfg, base, ad, np.array([context[-1:]], np.int32), kv,
-                                positions=np.array([[n - 1]]))[0, -1]) for ad in adapters]
+                                positions=np.array([[n - 1]]))[0, -1]) for ad in [None, *adapters]]
   spread = max(float(np.abs(a - b).max()) for a in preds for b in preds)
   return same, spread, n
 
@@ -123,7 +123,7 @@ def main(argv):
   same, spread, n_ctx = identical_cache_check(cfg, base, shown, context)
   print(f"\n[1] one {n_ctx}-token context, {len(shown)} ICaRus adapters + base, K/V pages written "
         f"by the engine's fused step: bit-identical = {same}; max logit difference between "
-        f"adapters = {spread:.2f}")
+        f"models = {spread:.2f}")
 
   eng = Engine(cfg, base, mode="icarus", num_pages=FLAGS.kv_pages, page_size=16, max_batch=8,
                prefill_chunk=64, max_rank=16, max_seq_len=1024)

@@ -18,7 +18,8 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("task", "addition", "Task name or .jsonl file.")
 flags.DEFINE_string("split", "test", "Split to evaluate.")
-flags.DEFINE_string("base", None, "Base (HF dir or icarus-jax checkpoint); default: embedded.")
+flags.DEFINE_string("base", None, "Base: 'smollm2', a .gguf file, an HF dir or an icarus-jax "
+                    "checkpoint; default: embedded. A chat model's prompts use its chat template.")
 flags.DEFINE_string("adapter", None, "Adapter directory (PEFT layout); none = the base model.")
 flags.DEFINE_string("kind", None, "Override the adapter kind (e.g. lora for a foreign PEFT adapter).")
 flags.DEFINE_integer("num_examples", 500, "Examples to evaluate.")
@@ -32,12 +33,11 @@ flags.DEFINE_bool("assert_base", False, "For an adapter that records no base fin
 def main(argv):
   del argv
   from icarus_jax.adapters import check_adapter
-  from icarus_jax.assets import load_any_base
+  from icarus_jax.assets import load_any_base, load_base_tokenizer
   from icarus_jax.data import eval_prompts, examples_source
   from icarus_jax.generation import exact_match_accuracy
   from icarus_jax.params import base_fingerprint
   from icarus_jax.peft_io import load_adapter
-  from icarus_jax.tokenizer import ByteTokenizer
 
   t0 = time.time()
   cfg, base = load_any_base(FLAGS.base)
@@ -46,15 +46,15 @@ def main(argv):
     fp = base_fingerprint(cfg, base) if FLAGS.assert_base else None
     adapter = load_adapter(FLAGS.adapter, kind=FLAGS.kind, base_fingerprint=fp)
     check_adapter(cfg, base, adapter)
-  tok = ByteTokenizer()
+  tok, chat = load_base_tokenizer(FLAGS.base)
   src = examples_source(FLAGS.task, FLAGS.split, data_dir=os.path.expanduser(FLAGS.tfds_dir))
-  prompts, answers = eval_prompts(src, tok, FLAGS.num_examples)
+  prompts, answers = eval_prompts(src, tok, FLAGS.num_examples, chat)
   acc, texts = exact_match_accuracy(cfg, base, adapter, prompts, answers, tok,
                                     max_new_tokens=FLAGS.max_new_tokens)
   out = {"task": FLAGS.task, "split": FLAGS.split, "adapter": FLAGS.adapter,
          "kind": None if adapter is None else adapter.kind, "num_examples": len(prompts),
          "exact_match": acc, "wall_s": round(time.time() - t0, 1),
-         "samples": [{"prompt": tok.decode(prompts[i][1:]), "answer": answers[i], "output": texts[i]}
+         "samples": [{"prompt": tok.decode(prompts[i]), "answer": answers[i], "output": texts[i]}
                      for i in range(min(5, len(prompts)))]}
   print(json.dumps(out, indent=2))
   if FLAGS.out:

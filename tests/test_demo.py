@@ -18,3 +18,26 @@ def test_shipped_base_and_adapters_share_one_cache():
   assert same and spread > 0.5
   conv, src = load_serving_adapters(cfg, base, "isolated", 4)
   assert all(a.kind == "lora" and "k" in a.config.targets for a in conv)
+
+
+def test_smollm2_shipped_adapters_share_one_cache():
+  """The ICaRus adapters trained on the real model (``launch.accuracy_real``) pass the gate and
+  the base fingerprint, and the engine writes bit-identical K/V for a chat context whichever of
+  them (or the base) it serves, while their predictions differ."""
+  import pytest
+
+  from icarus_jax.assets import default_adapters_dir, load_base_tokenizer
+  from icarus_jax.data import prompt_ids
+  from icarus_jax.errors import CheckpointError
+  from launch.demo import SHARED_CHAT
+  try:
+    cfg, base = load_any_base("smollm2")
+  except CheckpointError as e:
+    pytest.skip(f"SmolLM2 not available: {e}")
+  tok, chat = load_base_tokenizer("smollm2")
+  ads, sources = load_serving_adapters(cfg, base, "icarus", 2, default_adapters_dir("smollm2"))
+  assert all(s.startswith("trained") for s in sources), sources
+  for a in ads:
+    check_adapter(cfg, base, a, require_icarus=True)
+  same, spread, n = identical_cache_check(cfg, base, ads, prompt_ids(tok, SHARED_CHAT, chat))
+  assert same and spread > 0.5 and n > 50
