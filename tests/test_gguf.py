@@ -25,7 +25,7 @@ import icarus_jax as ij  # noqa: E402
 from icarus_jax.config import ModelConfig  # noqa: E402
 from icarus_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from icarus_jax.gguf_checkpoint import (gguf_chat_template, gguf_tokenizer, load_gguf,  # noqa: E402
-                                        resolve_named_base)
+                                        resolve_named_base, supported_tensor_types)
 from icarus_jax.params import init_base_params  # noqa: E402
 
 from conftest import free_port, healthy, wait_for  # noqa: E402
@@ -50,16 +50,20 @@ TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [chr(c) for c in rang
     "ab", "cd"]
 
 
-def _random_k_quant(qtype, rows: int, cols: int, rng) -> np.ndarray:
-  """Random blocks of a K-quant (no quantizer in the gguf package) with finite f16 scales."""
+def _random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
+  """Random bytes for a type the gguf package can dequantize but not quantize (K-quants, IQ,
+  TQ, MXFP4); blocks whose random scale bytes decode to inf/NaN are redrawn, so every value is
+  an ordinary number. The oracle is ``gguf.quants.dequantize`` of these same bytes."""
   block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
   raw = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
-  # the f16 super-block scale(s) sit at the start (Q4_K: d, dmin) or the end (Q6_K: d)
-  scale = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
-  spots = [nbytes - 2] if qtype == T.Q6_K else [0, 2]
-  for s in spots:
-    raw[..., s:s + 2] = scale
-  return raw.reshape(rows, -1)
+  for _ in range(100):
+    with np.errstate(all="ignore"):
+      deq = gguf.quants.dequantize(raw.reshape(rows, -1), qtype).reshape(rows, -1, block)
+    bad = ~np.isfinite(deq).all(-1) | (np.abs(deq).max(-1, initial=0) > 1e4)
+    if not bad.any():
+      return raw.reshape(rows, -1)
+    raw[bad] = rng.integers(0, 256, size=(int(bad.sum()), nbytes), dtype=np.uint8)
+  raise AssertionError(f"could not draw finite {qtype.name} blocks")
 
 
 def write_gguf(path, params, *, qtype=T.F32, arch="llama", drop=(), reshape=None, extra=None,
@@ -96,10 +100,10 @@ def write_gguf(path, params, *, qtype=T.F32, arch="llama", drop=(), reshape=None
       data, t = arr, T.F32
     elif qtype in (T.F16,):
       data, t = arr.astype(np.float16), T.F16
-    elif qtype in (T.Q4_K, T.Q6_K):
-      data, t = _random_k_quant(qtype, arr.shape[0], arr.shape[1], rng), qtype
-    else:
+    elif qtype in QUANTIZABLE:
       data, t = gguf.quants.quantize(arr, qtype), qtype
+    else:
+      data, t = _random_blocks(qtype, arr.shape[0], arr.shape[1], rng), qtype
     stored[name] = (data, t, arr)
     if t in (T.F32, T.F16):
       w.add_tensor(name, data)
@@ -161,15 +165,24 @@ def test_permutation_matters(tmp_path, synth_params):
   assert float(jnp.abs(ij.forward(cfg, bad, toks) - ij.forward(cfg, params, toks)).max()) > 1e-3
 
 
+#: types the gguf package quantizes, with their mean abs error bound on N(0, 0.05) weights
 TOLERANCE = {T.F16: 1e-3, T.BF16: 2e-3, T.Q8_0: 2e-3, T.Q5_0: 2e-2, T.Q5_1: 1e-2, T.Q4_0: 4e-2,
-             T.Q4_1: 2e-2, T.Q4_K: None, T.Q6_K: None}
+             T.Q4_1: 2e-2}
+QUANTIZABLE = tuple(TOLERANCE)
+ALL_TYPES = [T[n] for n in supported_tensor_types() if n != "F32"]
 
 
-@pytest.mark.parametrize("qtype", list(TOLERANCE), ids=lambda t: t.name)
+def test_supported_types_cover_the_issue_list():
+  assert {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"} <= set(
+      supported_tensor_types())
+
+
+@pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda t: t.name)
 def test_each_tensor_type(tmp_path, synth_params, qtype):
   """Every matrix stored as ``qtype`` loads to the dequantization of its stored bytes, in our
   ``[in, out]`` layout with the Q/K permutation undone, and (for types the gguf package can
-  quantize) within the type's error of the weights written."""
+  quantize) within the type's error of the weights written. Every type the installed gguf
+  package dequantizes is covered (``supported_tensor_types()``)."""
   stored = write_gguf(tmp_path / "m.gguf", synth_params, qtype=qtype,
                       rng=np.random.default_rng(int(qtype)))
   cfg, params = load_gguf(tmp_path / "m.gguf")
@@ -178,11 +191,12 @@ def test_each_tensor_type(tmp_path, synth_params, qtype):
       data, t, original = stored[f"blk.{i}.{LAYER[ours]}"]
       assert t == qtype
       ref = gguf.quants.dequantize(data, t)  # [out, in], GGUF row order
+      assert np.isfinite(ref).all()
       got = np.asarray(params["layers"][ours][i]).T
       if ours in ("q", "k"):
         got = llamacpp_permute(got, CFG.num_heads if ours == "q" else CFG.num_kv_heads)
       np.testing.assert_array_equal(got, ref.astype(np.float32), err_msg=f"{ours}[{i}]")
-      if TOLERANCE[qtype] is not None:
+      if qtype in QUANTIZABLE:
         assert np.abs(ref - original).max() < TOLERANCE[qtype] * 10, ours
         assert np.abs(ref - original).mean() < TOLERANCE[qtype]
   data, _, _ = stored["output.weight"]
