@@ -10,6 +10,9 @@ seed 0; only the targets and the gradient clipping differ:
 * ``kv``           : + k, v (the default conventional targets), global-norm clip 1.0
 * ``kv_noclip``    : + k, v, no clipping
 * ``kv_pertarget`` : + k, v, each target's gradient clipped to norm 1.0 on its own
+* ``k_only`` / ``v_only`` : ICaRus's targets + k (+ v): which of the two slows training
+* ``kv_lr0.1``     : + k, v with the k/v updates scaled by 0.1 (a 10x smaller LR on k/v only)
+* ``kv_2x_steps`` / ``matched_2x_steps`` : 600 steps (is it slower, or stuck?)
 
 Every 10 steps it records the loss and the gradient norm of each target's (a, b) factors before
 clipping, and the factor by which the global clip scaled the whole update. At the end: exact match
@@ -42,11 +45,17 @@ from icarus_jax.generation import exact_match_accuracy  # noqa: E402
 from icarus_jax.tokenizer import ByteTokenizer  # noqa: E402
 from icarus_jax.training import TrainConfig, init_trainable, loss_fn, make_optimizer  # noqa: E402
 
+#: name -> (targets, clipping, factor on the k/v updates, step multiplier)
 CONFIGS = {
-    "matched": (DEFAULT_ICARUS_TARGETS, "global"),
-    "kv": (DEFAULT_LORA_TARGETS, "global"),
-    "kv_noclip": (DEFAULT_LORA_TARGETS, "none"),
-    "kv_pertarget": (DEFAULT_LORA_TARGETS, "per_target"),
+    "matched": (DEFAULT_ICARUS_TARGETS, "global", 1.0, 1),
+    "kv": (DEFAULT_LORA_TARGETS, "global", 1.0, 1),
+    "kv_noclip": (DEFAULT_LORA_TARGETS, "none", 1.0, 1),
+    "kv_pertarget": (DEFAULT_LORA_TARGETS, "per_target", 1.0, 1),
+    "k_only": (DEFAULT_ICARUS_TARGETS + ("k",), "global", 1.0, 1),
+    "v_only": (DEFAULT_ICARUS_TARGETS + ("v",), "global", 1.0, 1),
+    "kv_lr0.1": (DEFAULT_LORA_TARGETS, "global", 0.1, 1),
+    "kv_2x_steps": (DEFAULT_LORA_TARGETS, "global", 1.0, 2),
+    "matched_2x_steps": (DEFAULT_ICARUS_TARGETS, "global", 1.0, 2),
 }
 
 
@@ -60,7 +69,7 @@ def target_norms(grads) -> dict[str, float]:
   return out
 
 
-def make_step(cfg, clip: str, tc: TrainConfig):
+def make_step(cfg, clip: str, tc: TrainConfig, kv_scale: float = 1.0):
   # the training code's optimizer (warmup + cosine AdamW) with its clip disabled: clipping is
   # done here, in the three variants compared
   adam = make_optimizer(dataclasses.replace(tc, clip_norm=float("inf")))
@@ -82,6 +91,10 @@ def make_step(cfg, clip: str, tc: TrainConfig):
       g = {k: ({t: clip_one(ab) for t, ab in v.items()} if k == "layers" else clip_one(v))
            for k, v in g.items()}
     updates, opt_state = adam.update(g, opt_state, adapter.params)
+    if kv_scale != 1.0:
+      updates = {**updates, "layers": {t: (jax.tree.map(lambda u: u * kv_scale, ab)
+                                           if t in ("k", "v") else ab)
+                                       for t, ab in updates["layers"].items()}}
     params = optax.apply_updates(adapter.params, updates)
     return Adapter(params, adapter.config), opt_state, met["loss"], norms, total, scale
 
@@ -89,11 +102,12 @@ def make_step(cfg, clip: str, tc: TrainConfig):
 
 
 def run_one(name, cfg, base, ds, tok, prompts, answers, steps):
-  targets, clip = CONFIGS[name]
+  targets, clip, kv_scale, mult = CONFIGS[name]
+  steps *= mult
   tc = TrainConfig(mode="lora", rank=16, alpha=32.0, targets=tuple(targets), learning_rate=3e-3,
                    warmup_steps=20, total_steps=steps, batch_size=32, seq_len=32, seed=0)
   adapter = init_trainable(cfg, base, tc, name=name)
-  step, adam = make_step(cfg, clip, tc)
+  step, adam = make_step(cfg, clip, tc, kv_scale)
   opt_state = adam.init(adapter.params)
   curve = []
   t0 = time.time()
@@ -106,7 +120,8 @@ def run_one(name, cfg, base, ds, tok, prompts, answers, steps):
                     "clip_scale": float(scale),
                     "target_grad_norm": {t: float(n) for t, n in norms.items()}})
   acc, _ = exact_match_accuracy(cfg, base, adapter, prompts, answers, tok)
-  return {"name": name, "targets": list(targets), "clip": clip, "steps": steps,
+  return {"name": name, "targets": list(targets), "clip": clip, "kv_update_scale": kv_scale,
+          "steps": steps,
           "final_loss": curve[-1]["loss"], "test_acc": acc, "test_n": len(answers),
           "curve": curve, "wall_s": round(time.time() - t0, 1)}
 

@@ -35,7 +35,7 @@ from icarus_jax import step_batch
 from icarus_jax.adapter_pool import BASE_SLOT
 from icarus_jax.adapters import DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGETS, Adapter
 from icarus_jax.config import ModelConfig
-from icarus_jax.errors import IcarusError
+from icarus_jax.errors import IcarusError, RequestTooLargeError, UnknownAdapterError
 from icarus_jax.page_allocator import PageAllocator
 from icarus_jax.params import Params
 from icarus_jax.prefix_cache import PrefixCache
@@ -44,14 +44,6 @@ from icarus_jax.sampling import SamplingParams
 from icarus_jax.step_batch import StepRow
 
 MODES = ("icarus", "isolated")
-
-
-class UnknownAdapterError(IcarusError):
-  """A request names an adapter that is not registered (HTTP 404 in the server)."""
-
-
-class RequestTooLargeError(IcarusError):
-  """A request can never fit: longer than the model's context or than the whole KV pool."""
 
 
 @dataclasses.dataclass

@@ -23,3 +23,11 @@ class AdapterGateError(IcarusError):
 
 class FingerprintMismatchError(IcarusError):
   """An adapter was trained on another base model than the one it is applied to."""
+
+
+class UnknownAdapterError(IcarusError):
+  """A request names an adapter that is not registered (HTTP 404 in the server)."""
+
+
+class RequestTooLargeError(IcarusError):
+  """A request can never fit: longer than the model's context or than the whole KV pool."""

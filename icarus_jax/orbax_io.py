@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import jax
-import orbax.checkpoint as ocp
 
 from icarus_jax.adapters import Adapter, AdapterConfig
 from icarus_jax.config import ModelConfig
@@ -20,7 +19,14 @@ from icarus_jax.errors import CheckpointError
 from icarus_jax.params import Params, check_param_shapes
 
 
+def _ocp():
+  """``orbax.checkpoint``, imported on first use: serving processes never pay for it."""
+  import orbax.checkpoint as ocp
+  return ocp
+
+
 def _save_tree(path: Path, tree) -> None:
+  ocp = _ocp()
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(path.absolute() / "params", tree, force=True)
 
@@ -29,6 +35,7 @@ def _restore_tree(path: Path, target=None):
   d = path.absolute() / "params"
   if not d.exists():
     raise CheckpointError(f"{path}: missing Orbax 'params' directory")
+  ocp = _ocp()
   try:
     with ocp.StandardCheckpointer() as ckptr:
       if target is None:

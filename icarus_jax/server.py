@@ -41,8 +41,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from icarus_jax.async_engine import AsyncEngine, EngineDeadError
 from icarus_jax.chat_template import ChatTemplate
-from icarus_jax.engine import RequestOutput, RequestTooLargeError, UnknownAdapterError
-from icarus_jax.errors import IcarusError
+from icarus_jax.engine import RequestOutput
+from icarus_jax.errors import IcarusError, RequestTooLargeError, UnknownAdapterError
 from icarus_jax.protocol import (APIError, ChatRequest, CompletionRequest, LoadLoraRequest,
                                  UnloadLoraRequest, first_line, SamplingRequest, error_response)
 from icarus_jax.sampling import SamplingParams

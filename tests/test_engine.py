@@ -7,7 +7,8 @@ import pytest
 
 from icarus_jax import FingerprintMismatchError, IcarusError, init_adapter, init_base_params
 from icarus_jax import engine_steps
-from icarus_jax.engine import Engine, RequestTooLargeError, UnknownAdapterError
+from icarus_jax.engine import Engine
+from icarus_jax.errors import RequestTooLargeError, UnknownAdapterError
 from icarus_jax.reference import reference_generate
 from icarus_jax.sampling import SamplingParams
 
