@@ -5,6 +5,32 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+#: Fine-tuning methods compared in the accuracy experiments -> (training mode, LoRA targets or
+#: None for the mode's default). ``lora_matched`` is conventional single-stream LoRA on exactly
+#: ICaRus's targets: the control that isolates "frozen encoder K/V" from "which weights adapt".
+METHODS = {
+    "icarus_lora": ("icarus_lora", None),
+    "icarus_full": ("icarus_full", None),
+    "lora_matched": ("lora", "icarus"),
+    "lora": ("lora", None),
+    "full": ("full", None),
+}
+
+
+def method_config(method: str) -> tuple[str, tuple[str, ...] | None]:
+  """``(mode, targets)`` of a method in ``METHODS`` (targets resolved to a tuple for LoRA)."""
+  from icarus_jax.adapters import DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGETS
+  from icarus_jax.errors import IcarusError
+  if method not in METHODS:
+    raise IcarusError(f"unknown method {method!r}; accepted: {sorted(METHODS)}")
+  mode, targets = METHODS[method]
+  if mode.endswith("full"):
+    return mode, None
+  if targets == "icarus" or mode == "icarus_lora":
+    return mode, tuple(DEFAULT_ICARUS_TARGETS)
+  return mode, tuple(DEFAULT_LORA_TARGETS)
+
+
 TASK_SEQ_LEN = {"addition": 32, "sorting": 32, "reversal": 32, "kv_lookup": 64,
                 "city_year": 96, "topic": 96}
 

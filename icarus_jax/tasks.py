@@ -151,3 +151,15 @@ def generate(task: str, split: str, n: int, *, exclude: set[str] | None = None) 
       continue
     made += 1
     yield ex
+
+
+def make_splits(task: str, num_train: int, num_test: int, num_validation: int
+                ) -> dict[str, list[Example]]:
+  """Train / test / validation examples of ``task``, disjoint by prompt: test excludes the train
+  prompts (so test sets do not depend on the validation size), validation excludes both."""
+  train = list(generate(task, "train", num_train))
+  seen = {ex["prompt"] for ex in train}
+  test = list(generate(task, "test", num_test, exclude=seen))
+  seen |= {ex["prompt"] for ex in test}
+  validation = list(generate(task, "validation", num_validation, exclude=seen))
+  return {"train": train, "test": test, "validation": validation}

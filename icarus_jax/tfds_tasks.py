@@ -1,8 +1,10 @@
 """TFDS builders for the synthetic tasks (array_record on disk, read with ``tfds.data_source``).
 
 No TensorFlow and no network: the builders generate their examples locally. Each task has a
-``default`` config (20,000 train / 500 test examples) and a ``small`` one (200 / 50) for tests.
-Test prompts never occur in the train split.
+``default`` config (20,000 train / 500 validation / 500 test examples) and a ``small`` one
+(200 / 50 / 50) for tests. The three splits are disjoint by prompt: test excludes train (as in
+1.0.0, so test sets are unchanged), validation excludes both. Choices (LR, steps) are made on
+validation; test is read once per final run.
 
     source = task_source("addition", "test", data_dir="~/tensorflow_datasets")
     len(source), source[0]  # {"prompt": b"...", "response": b"..."}
@@ -34,12 +36,15 @@ def builder_class(task: str):
   class TaskConfig(tfds.core.BuilderConfig):
     num_train: int = 20000
     num_test: int = 500
+    num_validation: int = 500
 
   class Builder(tfds.core.GeneratorBasedBuilder):
     name = f"icarus_{task}"
-    VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIGS = [TaskConfig(name="default", num_train=20000, num_test=500),
-                       TaskConfig(name="small", num_train=200, num_test=50)]
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "validation split (disjoint from train and test)"}
+    BUILDER_CONFIGS = [TaskConfig(name="default", num_train=20000, num_test=500,
+                                  num_validation=500),
+                       TaskConfig(name="small", num_train=200, num_test=50, num_validation=50)]
 
     def _info(self):
       return tfds.core.DatasetInfo(
@@ -49,16 +54,12 @@ def builder_class(task: str):
 
     def _split_generators(self, dl_manager):
       del dl_manager
-      return {"train": self._generate_examples("train", self.builder_config.num_train, None),
-              "test": self._generate_examples("test", self.builder_config.num_test, "train")}
+      c = self.builder_config
+      splits = task_lib.make_splits(task, c.num_train, c.num_test, c.num_validation)
+      return {name: self._generate_examples(examples) for name, examples in splits.items()}
 
-    def _generate_examples(self, split, n, exclude_split):
-      exclude = None
-      if exclude_split:
-        exclude = {ex["prompt"] for ex in task_lib.generate(task, exclude_split,
-                                                            self.builder_config.num_train)}
-      for i, ex in enumerate(task_lib.generate(task, split, n, exclude=exclude)):
-        yield i, ex
+    def _generate_examples(self, examples):
+      yield from enumerate(examples)
 
   Builder.__name__ = "Icarus" + "".join(p.title() for p in task.split("_"))
   _BUILDERS[task] = Builder

@@ -52,15 +52,8 @@ flags.DEFINE_string("export_adapters", "icarus_jax/assets/adapters_smollm2",
 flags.DEFINE_string("tfds_dir", "~/tensorflow_datasets", "TFDS data_dir.")
 flags.DEFINE_bool("summarize_only", False, "Only rebuild the summary from the JSONL.")
 
-METHODS = {"icarus_lora": "icarus_lora", "lora_matched": "lora", "lora": "lora"}
 LABELS = {"base": "base (no fine-tuning)", "icarus_lora": "ICaRus-LoRA",
           "lora_matched": "LoRA, ICaRus's targets (matched)", "lora": "LoRA, default targets (+k,v)"}
-
-
-def method_targets(method: str):
-  """Trainable LoRA targets of a method (``lora_matched`` = exactly ICaRus's)."""
-  from icarus_jax.adapters import DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGETS
-  return tuple(DEFAULT_LORA_TARGETS if method == "lora" else DEFAULT_ICARUS_TARGETS)
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -152,7 +145,7 @@ def main(argv):
 
   from icarus_jax.assets import load_any_base, load_base_tokenizer
   from icarus_jax.data import eval_prompts, examples_source
-  from icarus_jax.finetune import train_one
+  from icarus_jax.finetune import method_config, train_one
   from icarus_jax.generation import exact_match_accuracy
 
   tfds_dir = os.path.expanduser(FLAGS.tfds_dir)
@@ -171,15 +164,16 @@ def main(argv):
     adapter = None
     if method != "base":
       wd = Path(FLAGS.workdir) / f"{task}_{method}_s{seed}"
+      mode, targets = method_config(method)
       adapter, hist, res = train_one(
-          mode=METHODS[method], task=task, targets=method_targets(method), rank=FLAGS.rank,
+          mode=mode, task=task, targets=targets, rank=FLAGS.rank,
           alpha=FLAGS.alpha, steps=FLAGS.steps, batch_size=FLAGS.batch_size,
           seq_len=FLAGS.seq_len, lr=FLAGS.lr, warmup=FLAGS.warmup, seed=seed, workdir=wd,
           save_every=10, tfds_dir=tfds_dir, base=(cfg, base), tokenizer=(tok, chat),
           log_every=FLAGS.log_every)
       rec.update(steps=FLAGS.steps, final_train_loss=res["final_loss"],
                  curve=[(h["step"], h["loss"]) for h in hist], train_wall_s=res["train_wall_s"],
-                 targets=list(method_targets(method)), mode=METHODS[method])
+                 targets=list(targets), mode=mode)
       if FLAGS.export_adapters and method == "icarus_lora" and seed == int(FLAGS.seeds[0]):
         dst = Path(FLAGS.export_adapters) / f"{task}-icarus_lora"
         shutil.rmtree(dst, ignore_errors=True)

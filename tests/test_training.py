@@ -28,13 +28,18 @@ def reversal_ds(tfds_dir):
   return make_dataset(src, TOK, batch_size=16, seq_len=32, seed=0)
 
 
-@pytest.mark.parametrize("task", ["addition", "sorting", "reversal", "kv_lookup"])
+@pytest.mark.parametrize("task", ["addition", "sorting", "reversal", "kv_lookup", "city_year",
+                                  "topic"])
 def test_tfds_builders_produce_expected_counts(tfds_dir, task):
-  train = examples_source(task, "train", data_dir=tfds_dir, tfds_config="small")
-  test = examples_source(task, "test", data_dir=tfds_dir, tfds_config="small")
-  assert len(train) == 200 and len(test) == 50
-  train_prompts = {train[i]["prompt"] for i in range(len(train))}
-  assert not any(test[i]["prompt"] in train_prompts for i in range(len(test)))
+  """Three splits of the expected sizes, pairwise disjoint by prompt."""
+  src = {s: examples_source(task, s, data_dir=tfds_dir, tfds_config="small")
+         for s in ("train", "validation", "test")}
+  assert {s: len(v) for s, v in src.items()} == {"train": 200, "validation": 50, "test": 50}
+  prompts = {s: {v[i]["prompt"] for i in range(len(v))} for s, v in src.items()}
+  assert not prompts["train"] & prompts["test"]
+  assert not prompts["train"] & prompts["validation"]
+  assert not prompts["test"] & prompts["validation"]
+  test = src["test"]
   ex = test[0]
   assert isinstance(ex["prompt"], bytes) and ex["response"]
 
@@ -179,3 +184,22 @@ def test_lora_gradient_matches_finite_differences(tiny, target):
       fd = (vals[0] - vals[1]) / (2 * eps)
       g = float(grads[factor][idx])
       assert abs(fd - g) <= 2e-3 + 2e-2 * abs(g), (target, factor, idx, fd, g)
+
+
+def test_lora_matched_trains_exactly_icarus_targets_in_one_stream(tiny):
+  """The matched control differs from ICaRus-LoRA only in the frozen encoder: same trainable
+  leaves, but a single stream (its K/V move with the adapter)."""
+  from icarus_jax.finetune import method_config
+  cfg, base = tiny
+  (m_mode, m_targets), (i_mode, i_targets) = method_config("lora_matched"), method_config(
+      "icarus_lora")
+  assert m_targets == i_targets and "k" not in m_targets and "v" not in m_targets
+  assert (m_mode, i_mode) == ("lora", "icarus_lora")
+  mk = lambda mode, t: init_trainable(cfg, base, TrainConfig(mode=mode, targets=t, rank=4))
+  matched, icarus = mk(m_mode, m_targets), mk(i_mode, i_targets)
+  shapes = lambda a: jax.tree.map(lambda x: x.shape, a.params)
+  assert shapes(matched) == shapes(icarus)
+  assert not matched.config.is_icarus and icarus.config.is_icarus
+  assert set(method_config("lora")[1]) == set(m_targets) | {"k", "v"}
+  with pytest.raises(IcarusError, match="unknown method 'lora_kv'; accepted"):
+    method_config("lora_kv")
