@@ -39,12 +39,13 @@ def train_one(*, mode, task, base_path=None, rank=8, alpha=16.0, targets=None, s
               batch_size=32, grad_accum=1, seq_len=0, lr=3e-3, warmup=20, seed=0, workdir,
               save_every=100, tfds_dir=None, tfds_config="default", eval_examples=0,
               progress=True, stop_after=None, base=None, mesh=None, tokenizer=None,
-              log_every=10):
+              log_every=10, eval_fn=None):
   """Trains one adapter (resumable in ``workdir``) and returns ``(adapter, history, summary)``.
 
   ``base``: an already loaded ``(config, params)``; else ``base_path`` (default: embedded base,
   ``smollm2`` for the real model). ``tokenizer``: ``(tokenizer, ChatTemplate)``; default: the
   base's own (``load_base_tokenizer``): a chat model's prompts go through its chat template.
+  ``eval_fn(adapter) -> dict`` runs at every log step (e.g. a validation loss).
   """
   from icarus_jax.assets import load_any_base, load_base_tokenizer
   from icarus_jax.data import examples_source, make_dataset
@@ -66,7 +67,8 @@ def train_one(*, mode, task, base_path=None, rank=8, alpha=16.0, targets=None, s
   ds = make_dataset(src, tok, batch_size=batch_size, seq_len=seq_len, seed=seed, chat=chat)
   name = f"{Path(task).stem}-{mode}"
   adapter, hist = run(cfg, params, tc, ds, workdir, name=name, save_every=save_every,
-                      progress=progress, stop_after=stop_after, log_every=log_every)
+                      progress=progress, stop_after=stop_after, log_every=log_every,
+                      eval_fn=eval_fn)
   out = {"mode": mode, "task": task, "steps": steps, "seed": seed, "final_loss": hist[-1]["loss"],
          "train_wall_s": round(time.time() - t0, 1)}
   if stop_after is None or stop_after >= steps:

@@ -21,7 +21,6 @@ seed are exported (PEFT layout) for ``launch.demo --base=smollm2`` and ``launch.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import shutil
@@ -56,75 +55,16 @@ LABELS = {"base": "base (no fine-tuning)", "icarus_lora": "ICaRus-LoRA",
           "lora_matched": "LoRA, ICaRus's targets (matched)", "lora": "LoRA, default targets (+k,v)"}
 
 
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-  """Wilson 95% interval of a binomial proportion ``k / n``."""
-  if n == 0:
-    return 0.0, 1.0
-  p = k / n
-  den = 1 + z * z / n
-  mid = (p + z * z / (2 * n)) / den
-  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-  return max(0.0, mid - half), min(1.0, mid + half)
-
-
-def read_records(path: Path) -> list[dict]:
-  if not path.exists():
-    return []
-  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-
-
 def summarize(records: list[dict], out: Path, config: dict) -> dict:
-  """``accuracy_real.json`` / ``.md`` / ``_loss.png`` from the per-run records."""
-  import numpy as np
-  tasks = list(dict.fromkeys(r["task"] for r in records))
-  methods = ["base"] + [m for m in LABELS if m != "base" and any(r["method"] == m for r in records)]
-  table = {}
-  for t in tasks:
-    table[t] = {}
-    for m in methods:
-      rs = [r for r in records if r["task"] == t and r["method"] == m]
-      if not rs:
-        continue
-      accs = [r["test_acc"] for r in rs]
-      k, n = sum(r["test_correct"] for r in rs), sum(r["test_n"] for r in rs)
-      lo, hi = wilson(k, n)
-      table[t][m] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "seeds": len(rs),
-                     "ci95": [lo, hi], "final_train_loss": [r.get("final_train_loss") for r in rs]}
+  """``accuracy_real.json`` / ``_table.md`` / ``_loss.png`` from the per-run records."""
+  from icarus_jax.accuracy_report import markdown_table, plot_curves, summarize as table_of
+  methods = list(LABELS)
+  table = table_of(records, methods)
   summary = {"config": config, "table": table, "records": records}
   (out / "accuracy_real.json").write_text(json.dumps(summary, indent=1) + "\n")
-  lines = ["| method | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
-  for m in methods:
-    cells = []
-    for t in tasks:
-      c = table[t].get(m)
-      cells.append("-" if c is None else
-                   f"{100 * c['mean']:.0f}% [{100 * c['ci95'][0]:.0f}, {100 * c['ci95'][1]:.0f}]"
-                   + (f" ± {100 * c['std']:.0f} (n={c['seeds']})" if c["seeds"] > 1 else ""))
-    lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
-  (out / "accuracy_real_table.md").write_text("\n".join(lines) + "\n")
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-  for ax, t in zip(axes[0], tasks):
-    for m in methods[1:]:
-      rs = [r for r in records if r["task"] == t and r["method"] == m and r.get("curve")]
-      if not rs:
-        continue
-      steps = [s for s, _ in rs[0]["curve"]]
-      ys = np.array([[l for _, l in r["curve"]] for r in rs if len(r["curve"]) == len(steps)])
-      mean = ys.mean(0)
-      line, = ax.plot(steps, mean, label=LABELS[m])
-      if len(ys) > 1:
-        ax.fill_between(steps, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
-    ax.set_title(f"{t}: train loss (SmolLM2-135M-Instruct)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("masked cross-entropy")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(out / "accuracy_real_loss.png", dpi=110)
-  plt.close(fig)
+  (out / "accuracy_real_table.md").write_text(markdown_table(table, methods, LABELS) + "\n")
+  plot_curves(records, methods[1:], LABELS, out / "accuracy_real_loss.png",
+              "SmolLM2-135M-Instruct: train loss (mean over seeds, min-max band)")
   return summary
 
 
@@ -133,6 +73,7 @@ def main(argv):
   out = Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
   jsonl = out / "accuracy_real.jsonl"
+  from icarus_jax.accuracy_report import append_record, read_records
   config = {k: FLAGS[k].value for k in ("base", "tasks", "methods", "seeds", "steps", "batch_size",
                                         "seq_len", "rank", "alpha", "lr", "warmup",
                                         "eval_examples")}
@@ -184,8 +125,7 @@ def main(argv):
                samples=[{"prompt": tok.decode(p)[-80:], "answer": a, "output": o}
                         for p, a, o in list(zip(prompts, answers, texts))[:3]],
                wall_s=round(time.time() - t0, 1))
-    with jsonl.open("a") as f:
-      f.write(json.dumps(rec) + "\n")
+    append_record(jsonl, rec)
     tqdm.write(f"{task} {method} seed {seed}: test {acc:.3f} ({rec['wall_s']} s)")
   summary = summarize(read_records(jsonl), out, config)
   print((out / "accuracy_real_table.md").read_text())

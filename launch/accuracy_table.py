@@ -1,10 +1,23 @@
-"""Reproduces the paper's accuracy claim at our scale: base, standard LoRA, full fine-tuning,
-ICaRus-LoRA and ICaRus-full on every task, exact match on the held-out test split.
+"""The paper's accuracy claim at our scale, with matched controls, a validation split and seeds.
 
-    python -m launch.accuracy_table --out=docs/results
+    python -m launch.accuracy_table                 # resumable: rerun after an interruption
+    python -m launch.accuracy_table --summarize_only
 
-Writes ``accuracy.json``, ``accuracy.md`` and ``accuracy_loss_<task>.png`` under ``--out`` and
-exports the trained LoRA adapters (PEFT layout) to ``--export_adapters``.
+Methods (``icarus_jax.finetune.METHODS``): ``icarus_lora``, ``icarus_full``, ``lora_matched``
+(conventional single-stream LoRA on exactly ICaRus's targets), ``lora`` (default targets, k/v
+included), ``full``; same data order, step budget and rank for all. Per (task, method):
+
+1. **LR sweep on validation**: one run per LR of the method's grid (LoRA kinds ``--lora_lrs``,
+   full kinds ``--full_lrs``) with the first seed; exact match on the validation split. The test
+   split is not read in this phase (``select_lr`` only ever sees validation records).
+2. **Final runs**: every seed at the chosen LR (highest validation accuracy; ties go to the
+   lower validation loss); exact match on validation and, once per run, on test.
+
+Each finished run is one JSONL record (``<out>/accuracy.jsonl``); ``accuracy.json``
+(per-(method, task, seed) records), ``accuracy.md`` (mean ± std over seeds with the pooled Wilson
+95% interval) and ``accuracy_loss.png`` (train and validation loss vs step, mean over seeds with a
+band) are computed from that file alone. Trained ``icarus_lora`` / ``lora`` adapters of the first
+seed are exported for the demo and the server (``--export_adapters``).
 """
 
 from __future__ import annotations
@@ -20,133 +33,166 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("tasks", ["addition", "sorting", "reversal", "kv_lookup"], "Tasks.")
-flags.DEFINE_list("modes", ["lora", "full", "icarus_lora", "icarus_full"], "Methods.")
+flags.DEFINE_list("methods", ["icarus_lora", "lora_matched", "lora", "icarus_full", "full"],
+                  "Methods (icarus_jax.finetune.METHODS).")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the final runs (the first one also sweeps).")
+flags.DEFINE_list("lora_lrs", ["1e-3", "3e-3", "1e-2"], "LR grid for LoRA methods.")
+flags.DEFINE_list("full_lrs", ["1e-4", "3e-4", "1e-3"], "LR grid for full fine-tuning methods.")
 flags.DEFINE_integer("steps", 400, "Steps per run (short tasks).")
 flags.DEFINE_integer("long_steps", 300, "Steps per run for kv_lookup (longer sequences).")
-flags.DEFINE_integer("rank", 16, "LoRA rank.")
-flags.DEFINE_float("lora_lr", 3e-3, "Peak LR for LoRA modes.")
-flags.DEFINE_float("full_lr", 1e-3, "Peak LR for full modes.")
-flags.DEFINE_integer("eval_examples", 500, "Held-out examples per task.")
-flags.DEFINE_integer("seed", 0, "Seed.")
-flags.DEFINE_list("extra_seeds", [], "Extra seeds to train (adapters only, no eval): gives more "
-                  "distinct adapters for the workflow benchmark.")
-flags.DEFINE_string("out", "docs/results", "Where the table goes.")
-flags.DEFINE_string("workdir", "runs/accuracy", "Run directories.")
-flags.DEFINE_string("export_adapters", "icarus_jax/assets/adapters", "Where trained LoRA "
+flags.DEFINE_integer("rank", 16, "LoRA rank (alpha = 2 x rank).")
+flags.DEFINE_integer("log_every", 20, "Loss-curve resolution (steps); validation loss too.")
+flags.DEFINE_integer("val_examples", 200, "Validation examples (selection and curves).")
+flags.DEFINE_integer("eval_examples", 500, "Held-out test examples per task.")
+flags.DEFINE_string("out", "docs/results", "Where the records and the table go.")
+flags.DEFINE_string("workdir", "runs/accuracy", "Run directories (checkpoints).")
+flags.DEFINE_string("export_adapters", "icarus_jax/assets/adapters", "Where the first seed's LoRA "
                     "adapters are copied ('' to skip).")
 flags.DEFINE_string("tfds_dir", "~/tensorflow_datasets", "TFDS data_dir.")
+flags.DEFINE_string("tfds_config", "default", "Task builder config (default, or small for tests).")
+flags.DEFINE_bool("summarize_only", False, "Only rebuild the summary from the JSONL.")
 
-LABELS = {"base": "base", "lora": "standard LoRA", "full": "full FT", "icarus_lora": "ICaRus-LoRA",
-          "icarus_full": "ICaRus-full"}
+LABELS = {"base": "base", "icarus_lora": "ICaRus-LoRA", "lora_matched": "LoRA, matched targets",
+          "lora": "LoRA (+k,v)", "icarus_full": "ICaRus-full", "full": "full FT"}
+
+
+def lr_grid(method: str) -> list[float]:
+  return [float(x) for x in (FLAGS.full_lrs if method.endswith("full") else FLAGS.lora_lrs)]
+
+
+def select_lr(sweep: list[dict]) -> float:
+  """The LR of the best validation run (accuracy, then lower validation loss). Reads only
+  validation fields: a sweep record carries no test numbers."""
+  assert all("test_acc" not in r for r in sweep), "selection must not see test results"
+  best = max(sweep, key=lambda r: (r["val_acc"], -(r.get("val_loss") or 0.0)))
+  return best["lr"]
+
+
+def write_summary(records: list[dict], out: Path, config: dict) -> dict:
+  """``accuracy.json`` / ``accuracy.md`` / ``accuracy_loss.png`` from the records alone."""
+  from icarus_jax.accuracy_report import markdown_table, plot_curves, summarize
+  final = [r for r in records if r["phase"] == "final"]
+  methods = list(LABELS)
+  table = summarize(final, methods)
+  keep = ("method", "task", "seed", "lr", "val_acc", "test_acc", "final_train_loss", "steps")
+  summary = {"config": config, "table": table,
+             "records": [{k: r.get(k) for k in keep} for r in final],
+             "sweep": [{k: r.get(k) for k in ("method", "task", "lr", "val_acc", "val_loss",
+                                              "final_train_loss")}
+                       for r in records if r["phase"] == "sweep"]}
+  (out / "accuracy.json").write_text(json.dumps(summary, indent=1) + "\n")
+  md = markdown_table(table, methods, LABELS)
+  (out / "accuracy.table.md").write_text(md + "\n")
+  plot_curves(final, methods[1:], LABELS, out / "accuracy_loss.png",
+              "train (solid) and validation (dashed) loss, mean over seeds, min-max band")
+  return summary
 
 
 def main(argv):
+  from icarus_jax.accuracy_report import append_record, read_records
+  out = Path(FLAGS.out)
+  out.mkdir(parents=True, exist_ok=True)
+  jsonl = out / "accuracy.jsonl"
+  config = {k: FLAGS[k].value for k in ("tasks", "methods", "seeds", "lora_lrs", "full_lrs",
+                                        "steps", "long_steps", "rank", "val_examples",
+                                        "eval_examples")}
+  config.update(command="python -m " + " ".join(["launch.accuracy_table"] + argv[1:]),
+                machine=f"{platform.machine()}, {os.cpu_count()} cores",
+                base="icarus_jax/assets/small_base")
+  if FLAGS.summarize_only:
+    print(json.dumps(write_summary(read_records(jsonl), out, config)["table"], indent=1))
+    return
+
   import jax
+  from tqdm.auto import tqdm
 
-  from icarus_jax.assets import load_any_base
-  from icarus_jax.data import eval_prompts, examples_source
+  from icarus_jax.assets import load_any_base, load_base_tokenizer
+  from icarus_jax.data import eval_prompts, examples_source, make_dataset
+  from icarus_jax.finetune import TASK_SEQ_LEN, method_config, train_one
   from icarus_jax.generation import exact_match_accuracy
-  from icarus_jax.tokenizer import ByteTokenizer
-  from icarus_jax.trainer import plot_losses
-  from icarus_jax.finetune import train_one
+  from icarus_jax.training import eval_loss
 
-  t_all = time.time()
   tfds_dir = os.path.expanduser(FLAGS.tfds_dir)
   cfg, base = load_any_base(None)
-  tok = ByteTokenizer()
-  results = {"tasks": {}, "config": {
-      "steps": FLAGS.steps, "long_steps": FLAGS.long_steps, "rank": FLAGS.rank,
-      "lora_lr": FLAGS.lora_lr, "full_lr": FLAGS.full_lr, "seed": FLAGS.seed,
-      "eval_examples": FLAGS.eval_examples, "base": "icarus_jax/assets/small_base",
-      "machine": f"{platform.machine()} {os.cpu_count()} CPU cores, jax {jax.__version__}",
-      "date": time.strftime("%Y-%m-%d"), "command": "python -m launch.accuracy_table " + " ".join(argv[1:])}}
+  tok, chat = load_base_tokenizer(None)
+  seeds = [int(s) for s in FLAGS.seeds]
+
+  def key(r):
+    return (r["phase"], r["task"], r["method"], r["seed"], r["lr"])
+
+  done = {key(r): r for r in read_records(jsonl)}
+  n_jobs = len(FLAGS.tasks) * (1 + sum(len(lr_grid(m)) + len(seeds) for m in FLAGS.methods))
+  bar = tqdm(total=n_jobs, initial=len(done), desc="accuracy_table runs")
+
   for task in FLAGS.tasks:
-    test = examples_source(task, "test", data_dir=tfds_dir)
-    prompts, answers = eval_prompts(test, tok, FLAGS.eval_examples)
-    row = {}
-    acc, _ = exact_match_accuracy(cfg, base, None, prompts, answers, tok)
-    row["base"] = {"accuracy": acc}
-    curves = {}
     steps = FLAGS.long_steps if task == "kv_lookup" else FLAGS.steps
-    for mode in FLAGS.modes:
-      lr = FLAGS.full_lr if mode.endswith("full") else FLAGS.lora_lr
-      wd = Path(FLAGS.workdir) / f"{task}_{mode}_s{FLAGS.seed}"
-      t0 = time.time()
-      adapter, hist, out = train_one(mode=mode, task=task, rank=FLAGS.rank, alpha=2.0 * FLAGS.rank,
-                                     steps=steps, lr=lr, seed=FLAGS.seed, workdir=wd,
-                                     tfds_dir=tfds_dir, save_every=steps, base=(cfg, base))
-      t_train = time.time() - t0
-      t0 = time.time()
+    seq_len = TASK_SEQ_LEN.get(task, 256)
+    val = examples_source(task, "validation", data_dir=tfds_dir,
+                          tfds_config=FLAGS.tfds_config)
+    v_prompts, v_answers = eval_prompts(val, tok, FLAGS.val_examples, chat)
+    v_batch = {k: jax.numpy.asarray(x) for k, x in make_dataset(
+        val, tok, batch_size=min(64, len(val)), seq_len=seq_len, seed=0, chat=chat)[0].items()}
+
+    def test_eval(adapter):
+      """The only place the test split is read: once per final run."""
+      test = examples_source(task, "test", data_dir=tfds_dir, tfds_config=FLAGS.tfds_config)
+      prompts, answers = eval_prompts(test, tok, FLAGS.eval_examples, chat)
       acc, texts = exact_match_accuracy(cfg, base, adapter, prompts, answers, tok)
-      row[mode] = {"accuracy": acc, "final_loss": hist[-1]["loss"], "train_wall_s": round(t_train, 1),
-                   "eval_wall_s": round(time.time() - t0, 1), "steps": steps, "lr": lr,
-                   "samples": [{"prompt": tok.decode(prompts[i][1:]), "answer": answers[i],
-                                "output": texts[i]} for i in range(3)]}
-      curves[LABELS[mode]] = hist
-      print(f"{task:10s} {mode:12s} acc={acc:.3f} loss={hist[-1]['loss']:.4f} ({t_train:.0f}s)",
-            flush=True)
-      if FLAGS.export_adapters and mode in ("icarus_lora", "lora"):
-        dst = Path(FLAGS.export_adapters) / f"{task}-{mode}"
-        shutil.rmtree(dst, ignore_errors=True)
-        shutil.copytree(wd / "adapter", dst)
-    for seed in FLAGS.extra_seeds:
-      for mode in ("icarus_lora", "lora"):
-        if mode not in FLAGS.modes:
-          continue
-        wd = Path(FLAGS.workdir) / f"{task}_{mode}_s{seed}"
-        train_one(mode=mode, task=task, rank=FLAGS.rank, alpha=2.0 * FLAGS.rank, steps=steps,
-                  lr=FLAGS.lora_lr, seed=int(seed), workdir=wd, tfds_dir=tfds_dir,
-                  save_every=steps, base=(cfg, base))
-        if FLAGS.export_adapters:
-          dst = Path(FLAGS.export_adapters) / f"{task}-{mode}-s{seed}"
+      return acc, len(answers), texts[:3]
+
+    def train_eval(method, lr, seed, phase):
+      rec = {"phase": phase, "task": task, "method": method, "seed": seed, "lr": lr}
+      if key(rec) in done:
+        return done[key(rec)]
+      t0 = time.time()
+      adapter = None
+      if method != "base":
+        mode, targets = method_config(method)
+        wd = Path(FLAGS.workdir) / task / f"{method}_lr{lr:g}_s{seed}"
+        adapter, hist, res = train_one(
+            mode=mode, task=task, targets=targets, rank=FLAGS.rank, alpha=2.0 * FLAGS.rank,
+            steps=steps, lr=lr, seed=seed, workdir=wd, tfds_dir=tfds_dir, save_every=steps,
+            tfds_config=FLAGS.tfds_config,
+            base=(cfg, base), tokenizer=(tok, chat), log_every=FLAGS.log_every,
+            eval_fn=lambda a: {"val_loss": float(eval_loss(cfg, a, base, v_batch)["loss"])})
+        rec.update(steps=steps, final_train_loss=res["final_loss"],
+                   curve=[[h["step"], h["loss"], h.get("eval_val_loss")] for h in hist],
+                   train_wall_s=res["train_wall_s"], mode=mode,
+                   targets=None if targets is None else list(targets))
+        rec["val_loss"] = rec["curve"][-1][2] if rec["curve"] else None
+        if (FLAGS.export_adapters and phase == "final" and seed == seeds[0]
+            and method in ("icarus_lora", "lora")):
+          dst = Path(FLAGS.export_adapters) / f"{task}-{method}"
           shutil.rmtree(dst, ignore_errors=True)
           shutil.copytree(wd / "adapter", dst)
-    results["tasks"][task] = row
-    out = Path(FLAGS.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_losses(curves, out / f"accuracy_loss_{task}.png", title=f"{task}: training loss")
-    (out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
-  results["total_wall_s"] = round(time.time() - t_all, 1)
-  (Path(FLAGS.out) / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
-  write_markdown(results, Path(FLAGS.out) / "accuracy.md")
+      rec["val_acc"], _ = exact_match_accuracy(cfg, base, adapter, v_prompts, v_answers, tok)
+      if phase == "final":
+        acc, n, samples = test_eval(adapter)
+        rec.update(test_acc=acc, test_correct=int(round(acc * n)), test_n=n, samples=samples)
+      rec["wall_s"] = round(time.time() - t0, 1)
+      append_record(jsonl, rec)
+      done[key(rec)] = rec
+      bar.update(1)
+      tqdm.write(f"{task:10s} {method:12s} {phase:6s} lr={lr:g} seed={seed} "
+                 f"val={rec['val_acc']:.3f}"
+                 + (f" test={rec['test_acc']:.3f}" if phase == "final" else ""))
+      return rec
 
-
-def write_markdown(results: dict, path: Path) -> None:
-  modes = ["base"] + [m for m in ("lora", "full", "icarus_lora", "icarus_full")
-                      if any(m in r for r in results["tasks"].values())]
-  lines = ["| task | " + " | ".join(LABELS[m] for m in modes) + " |",
-           "| --- |" + " ---: |" * len(modes)]
-  avg = {m: [] for m in modes}
-  for task, row in results["tasks"].items():
-    cells = []
-    for m in modes:
-      a = row.get(m, {}).get("accuracy")
-      if a is not None:
-        avg[m].append(a)
-      cells.append("-" if a is None else f"{100 * a:.1f}")
-    lines.append(f"| {task} | " + " | ".join(cells) + " |")
-  lines.append("| **average** | " + " | ".join(
-      f"**{100 * sum(v) / len(v):.1f}**" if v else "-" for v in avg.values()) + " |")
-  table = "\n".join(lines)
-  c = results["config"]
-  gap = None
-  if avg.get("icarus_lora") and avg.get("lora"):
-    gap = 100 * (sum(avg["icarus_lora"]) / len(avg["icarus_lora"]) - sum(avg["lora"]) / len(avg["lora"]))
-  path.with_suffix(".table.md").write_text(table + "\n")
-  path.write_text(
-      "# Accuracy: ICaRus vs conventional fine-tuning (exact match, %)\n\n"
-      f"Held-out test split, {c['eval_examples']} examples per task, greedy decoding; ICaRus "
-      "adapters generate through the shared encoder cache (encoder = frozen base, decoder = "
-      "base + adapter), never a merged model.\n\n" + table + "\n\n"
-      + (f"ICaRus-LoRA minus standard LoRA, average: **{gap:+.1f} points**.\n\n" if gap is not None else "")
-      + "## Setup\n\n"
-      f"- command: `{c['command']}`\n- base: `{c['base']}` (pretrained by `launch/pretrain.py`)\n"
-      f"- steps: {c['steps']} ({c['long_steps']} for kv_lookup), batch 32, rank {c['rank']}, "
-      f"alpha {2 * c['rank']}, LR {c['lora_lr']} (LoRA) / {c['full_lr']} (full), warmup 20 + cosine, "
-      f"seed {c['seed']}\n- machine: {c['machine']}; date {c['date']}; total wall time "
-      f"{results.get('total_wall_s', '?')} s\n\n"
-      "Per-run wall times and final losses are in `accuracy.json`; loss curves in "
-      "`accuracy_loss_<task>.png`.\n")
+    for method in FLAGS.methods:
+      sweep = []
+      for lr in lr_grid(method):
+        r = dict(train_eval(method, lr, seeds[0], "sweep"))
+        sweep.append({k: v for k, v in r.items() if not k.startswith("test")})
+      lr = select_lr(sweep)
+      for seed in seeds:
+        train_eval(method, lr, seed, "final")
+    train_eval("base", 0.0, 0, "final")
+    write_summary(list(done.values()), out, config)
+  bar.close()
+  summary = write_summary(read_records(jsonl), out, config)
+  print((out / "accuracy.table.md").read_text())
+  print(json.dumps({t: {m: round(c["mean"], 3) for m, c in v.items()}
+                    for t, v in summary["table"].items()}))
 
 
 if __name__ == "__main__":
