@@ -330,6 +330,19 @@ def test_smollm2_tokenizer_matches_transformers(smollm2, reference):
       assert tok.decode(tok.encode(s["text"])) == s["text"]
 
 
+def test_smollm2_streaming_detokenization(smollm2, reference):
+  """Token-by-token detokenization with the real BPE (multi-byte characters split over tokens,
+  leading spaces) emits exactly the full decode."""
+  from icarus_jax.stop_strings import StopStringMatcher
+  tok = smollm2[2]
+  for s in reference[1]["strings"]:
+    if "<|" in s["text"]:
+      continue
+    m = StopStringMatcher(tok)
+    text = "".join(m.add(t) for t in s["ids"]) + m.finish()
+    assert text == tok.decode(s["ids"]) == s["text"], s["text"]
+
+
 def test_smollm2_chat_template_matches_transformers(smollm2, reference):
   chat = smollm2[3]
   for r in reference[1]["chat_renders"]:
@@ -382,6 +395,11 @@ def test_smollm2_server_answers_openai_client():
         max_tokens=24, temperature=0)
     assert r.choices[0].message.content == "The capital of France is Paris."
     assert r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(
+        model="base", messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24, temperature=0, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        "The capital of France is Paris.")
   finally:
     proc.terminate()
     proc.wait(30)
