@@ -22,7 +22,8 @@ from icarus_jax.params import Params
 from icarus_jax.training import TrainConfig, init_trainable, make_optimizer, train_step
 
 
-def _manager(workdir: Path, keep: int = 2):
+def checkpoint_manager(workdir: Path, keep: int = 2):
+  """Orbax ``CheckpointManager`` under ``workdir/checkpoints`` (keeps the last ``keep``)."""
   import orbax.checkpoint as ocp
   return ocp.CheckpointManager(
       (workdir / "checkpoints").absolute(),
@@ -46,7 +47,7 @@ def run(cfg: ModelConfig, base: Params, tc: TrainConfig, dataset, workdir: str |
   tx = make_optimizer(tc)
   opt_state = tx.init(adapter.params)
   step = 0
-  mgr = _manager(workdir)
+  mgr = checkpoint_manager(workdir)
   latest = mgr.latest_step()
   if latest is not None:
     target = {"params": adapter.params, "opt_state": opt_state}

