@@ -39,11 +39,11 @@ from icarus_jax.errors import IcarusError, RequestTooLargeError, UnknownAdapterE
 from icarus_jax.page_allocator import PageAllocator
 from icarus_jax.params import Params
 from icarus_jax.prefix_cache import PrefixCache
-from icarus_jax.runner import ATTENTION_BACKENDS, DeviceRunner, RooflineRunner, Runner
+from icarus_jax.engine_config import EngineConfig
+from icarus_jax.runner import DeviceRunner, RooflineRunner, Runner
 from icarus_jax.sampling import SamplingParams
 from icarus_jax.step_batch import StepRow
 
-MODES = ("icarus", "isolated")
 
 
 @dataclasses.dataclass
@@ -152,6 +152,12 @@ class Engine:
       preemptions, steps with their rows), e.g. to compare two runners.
   """
 
+  @classmethod
+  def from_config(cls, config: ModelConfig, base_params: Params, engine_config: EngineConfig,
+                  **kwargs) -> "Engine":
+    """An engine sized by ``engine_config`` (``kwargs``: tokenizer, targets, runner...)."""
+    return cls(config, base_params, **dataclasses.asdict(engine_config), **kwargs)
+
   def __init__(self, config: ModelConfig, base_params: Params, *, mode: str = "icarus",
                num_pages: int = 256, page_size: int = 16, max_batch: int = 8,
                prefill_chunk: int = 64, max_adapters: int = 8, max_rank: int = 16,
@@ -159,13 +165,12 @@ class Engine:
                tokenizer=None, max_seq_len: int | None = None, simulator=None,
                runner: Runner | None = None, record_schedule: bool = False,
                max_host_adapters: int | None = None, mixed_steps: bool = False):
-    if mode not in MODES:
-      raise IcarusError(f"mode={mode!r} is unknown; accepted: {MODES}")
-    if attention_backend not in ATTENTION_BACKENDS:
-      raise IcarusError(f"attention_backend={attention_backend!r} is unknown; accepted: "
-                        f"{ATTENTION_BACKENDS}")
-    if page_size < 1 or max_batch < 1 or prefill_chunk < 1:
-      raise IcarusError("page_size, max_batch and prefill_chunk must be positive")
+    # every knob checked in one place (EngineConfig), kept as ``engine.engine_config``
+    self.engine_config = EngineConfig(
+        mode=mode, num_pages=num_pages, page_size=page_size, max_batch=max_batch,
+        prefill_chunk=prefill_chunk, max_adapters=max_adapters, max_rank=max_rank,
+        max_seq_len=max_seq_len, attention_backend=attention_backend,
+        max_host_adapters=max_host_adapters, mixed_steps=mixed_steps)
     self.cfg = config
     self.mode = mode
     self.page_size = page_size
@@ -190,8 +195,6 @@ class Engine:
     self.alloc = PageAllocator(num_pages)
     self.cache = PrefixCache(page_size, self.alloc)
     self.attention_backend = attention_backend
-    if max_host_adapters is not None and max_host_adapters < 0:
-      raise IcarusError(f"max_host_adapters must be >= 0 or None, got {max_host_adapters}")
     self.adapters: dict[str, Adapter] = {}  # host tier: adapters held in memory
     self._paths: dict[str, tuple[str, Callable]] = {}  # disk tier: name -> (path, loader)
     self._host_lru: collections.OrderedDict[str, None] = collections.OrderedDict()  # disk-backed

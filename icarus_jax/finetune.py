@@ -37,6 +37,7 @@ TASK_SEQ_LEN = {"addition": 32, "sorting": 32, "reversal": 32, "kv_lookup": 64,
 
 def train_one(*, mode, task, base_path=None, rank=8, alpha=16.0, targets=None, steps=300,
               batch_size=32, grad_accum=1, seq_len=0, lr=3e-3, warmup=20, seed=0, workdir,
+              weight_decay=0.0, clip_norm=1.0,
               save_every=100, tfds_dir=None, tfds_config="default", eval_examples=0,
               progress=True, stop_after=None, base=None, mesh=None, tokenizer=None,
               log_every=10, eval_fn=None):
@@ -62,7 +63,8 @@ def train_one(*, mode, task, base_path=None, rank=8, alpha=16.0, targets=None, s
   seq_len = seq_len or TASK_SEQ_LEN.get(task, 256)
   tc = TrainConfig(mode=mode, rank=rank, alpha=alpha, targets=tuple(targets) if targets else None,
                    learning_rate=lr, warmup_steps=warmup, total_steps=steps, batch_size=batch_size,
-                   grad_accum=grad_accum, seq_len=seq_len, seed=seed)
+                   grad_accum=grad_accum, seq_len=seq_len, seed=seed,
+                   weight_decay=weight_decay, clip_norm=clip_norm)
   src = examples_source(task, "train", data_dir=tfds_dir, tfds_config=tfds_config)
   ds = make_dataset(src, tok, batch_size=batch_size, seq_len=seq_len, seed=seed, chat=chat)
   name = f"{Path(task).stem}-{mode}"

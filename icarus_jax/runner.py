@@ -40,6 +40,7 @@ from icarus_jax.adapter_pool import BASE_SLOT, AdapterPool, SlotTable
 from icarus_jax.adapters import Adapter, check_adapter
 from icarus_jax.config import ModelConfig
 from icarus_jax.cost_model import RooflineSimulator
+from icarus_jax.engine_config import ATTENTION_BACKENDS
 from icarus_jax.errors import IcarusError
 from icarus_jax.params import Params, base_fingerprint
 from icarus_jax.sampling import SamplingParams, sample
@@ -48,7 +49,7 @@ from icarus_jax.step_batch import Step, StepBatch
 
 ATTENTION_FNS = {"reference": engine_steps.paged_attention_reference,
                  "pallas": engine_steps.paged_attention_pallas}
-ATTENTION_BACKENDS = tuple(ATTENTION_FNS)
+assert tuple(ATTENTION_FNS) == ATTENTION_BACKENDS, "engine_config.ATTENTION_BACKENDS names them"
 
 SampleRow = tuple[SamplingParams, int, int]  # (sampling, output tokens so far, request id)
 

