@@ -79,7 +79,10 @@ def main(argv):
                                         "eval_examples")}
   config.update(command="python -m " + " ".join(["launch.accuracy_real"] + sys.argv[1:]),
                 machine=f"{platform.machine()}, {os.cpu_count()} cores", python=platform.python_version())
-  if FLAGS.summarize_only:
+  if FLAGS.summarize_only:  # keep the configuration the runs were made with
+    prev = out / "accuracy_real.json"
+    if prev.exists():
+      config = json.loads(prev.read_text())["config"]
     print(json.dumps(summarize(read_records(jsonl), out, config)["table"], indent=1))
     return
   from tqdm.auto import tqdm
