@@ -8,6 +8,13 @@ downloads. Tasks:
 * ``reversal``:  ``"rev hello:"`` -> ``"olleh"`` (4..8 lowercase letters)
 * ``kv_lookup``: ``"ab=7x;q3=k1;...;q3?"`` -> ``"k1"`` (4..8 pairs of 2-character keys/values)
 
+Variants that a 0.9M-parameter base can learn (``kv_lookup`` and ``addition`` stay at chance for
+every method at 600 steps, so they do not discriminate between methods):
+
+* ``kv_recall``: ``"ab=7x;q3=k1;cd=9z;q3="`` -> ``"k1"`` (3..4 pairs; the prompt ends the way a
+  pair is written, so the answer continues a pattern seen in the context)
+* ``add2``: ``"41+17="`` -> ``"58"`` (operands 0..99)
+
 Natural-language tasks for a real model with a real tokenizer and chat template (SmolLM2):
 
 * ``city_year``: a sentence about two people who moved to two cities in two years, and a question
@@ -117,11 +124,32 @@ def _topic(rng: random.Random) -> Example:
                     f"music, food or travel?\nText: {' '.join(parts)}", "response": label}
 
 
+def _kv_recall(rng: random.Random) -> Example:
+  n = rng.randint(3, 4)
+  alphabet = string.ascii_lowercase + string.digits
+  keys: list[str] = []
+  while len(keys) < n:
+    k = "".join(rng.choice(alphabet) for _ in range(2))
+    if k not in keys:
+      keys.append(k)
+  vals = ["".join(rng.choice(alphabet) for _ in range(2)) for _ in range(n)]
+  q = rng.randrange(n)
+  ctx = ";".join(f"{k}={v}" for k, v in zip(keys, vals))
+  return {"prompt": f"{ctx};{keys[q]}=", "response": vals[q]}
+
+
+def _add2(rng: random.Random) -> Example:
+  a, b = rng.randint(0, 99), rng.randint(0, 99)
+  return {"prompt": f"{a}+{b}=", "response": str(a + b)}
+
+
 TASKS: dict[str, Callable[[random.Random], Example]] = {
     "addition": _addition,
     "sorting": _sorting,
     "reversal": _reversal,
     "kv_lookup": _kv_lookup,
+    "kv_recall": _kv_recall,
+    "add2": _add2,
     "city_year": _city_year,
     "topic": _topic,
 }

@@ -28,8 +28,8 @@ def reversal_ds(tfds_dir):
   return make_dataset(src, TOK, batch_size=16, seq_len=32, seed=0)
 
 
-@pytest.mark.parametrize("task", ["addition", "sorting", "reversal", "kv_lookup", "city_year",
-                                  "topic"])
+@pytest.mark.parametrize("task", ["addition", "sorting", "reversal", "kv_lookup", "kv_recall",
+                                  "add2", "city_year", "topic"])
 def test_tfds_builders_produce_expected_counts(tfds_dir, task):
   """Three splits of the expected sizes, pairwise disjoint by prompt."""
   src = {s: examples_source(task, s, data_dir=tfds_dir, tfds_config="small")
@@ -42,6 +42,18 @@ def test_tfds_builders_produce_expected_counts(tfds_dir, task):
   test = src["test"]
   ex = test[0]
   assert isinstance(ex["prompt"], bytes) and ex["response"]
+
+
+def test_new_task_answers_are_correct():
+  """kv_recall: the answer is the value written after the queried key; add2: the sum."""
+  from icarus_jax.tasks import generate
+  for ex in generate("kv_recall", "test", 50):
+    *pairs, query = ex["prompt"].split(";")
+    assert query.endswith("=") and 3 <= len(pairs) <= 4
+    assert dict(p.split("=") for p in pairs)[query[:-1]] == ex["response"]
+  for ex in generate("add2", "test", 50):
+    a, b = ex["prompt"].rstrip("=").split("+")
+    assert int(a) < 100 and int(b) < 100 and int(ex["response"]) == int(a) + int(b)
 
 
 def test_task_answers_are_correct(tfds_dir):
