@@ -65,6 +65,11 @@ def summarize(records: Iterable[dict], methods: Sequence[str]) -> dict:
   return table
 
 
+def means(table: dict) -> dict:
+  """``{task: {method: mean test accuracy}}`` (3 decimals) of a ``summarize`` table."""
+  return {t: {m: round(c["mean"], 3) for m, c in row.items()} for t, row in table.items()}
+
+
 def markdown_table(table: dict, methods: Sequence[str], labels: dict[str, str]) -> str:
   """Methods as rows, tasks as columns: ``mean% ± std [Wilson 95%]``."""
   tasks = list(table)

@@ -30,11 +30,13 @@ def resolve_base(spec: str | os.PathLike | None) -> Path:
 
 
 def default_adapters_dir(spec: str | os.PathLike | None) -> Path | None:
-  """The committed adapters trained on a base spec (embedded or named), or None."""
+  """The committed adapters trained on a base spec (embedded: ``adapters``, a named model:
+  ``adapters_<name>``), or None."""
+  from icarus_jax.gguf_checkpoint import NAMED_BASES
   if spec is None or str(spec) == "":
     return DEFAULT_ADAPTERS
-  if str(spec) == "smollm2":
-    return ASSETS / "adapters_smollm2"
+  if str(spec) in NAMED_BASES:
+    return ASSETS / f"adapters_{spec}"
   return None
 
 

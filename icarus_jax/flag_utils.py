@@ -19,17 +19,11 @@ from absl import flags
 
 
 def _base_type(tp):
-  """``(python type, optional)`` of an annotation like ``int``, ``int | None``, ``tuple[str, ...]``."""
-  optional = False
-  origin = typing.get_origin(tp)
-  if origin in (typing.Union, types.UnionType):
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    optional = len(args) < len(typing.get_args(tp))
-    tp = args[0]
-    origin = typing.get_origin(tp)
-  if origin is tuple:
-    return tuple, optional
-  return tp, optional
+  """The python type of an annotation like ``int``, ``int | None`` (optional fields take
+  ``None`` as their default) or ``tuple[str, ...]`` (-> ``tuple``)."""
+  if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    tp = next(a for a in typing.get_args(tp) if a is not type(None))
+  return tuple if typing.get_origin(tp) is tuple else tp
 
 
 def define_dataclass_flags(cls, *, defaults: dict | None = None, aliases: dict | None = None,
@@ -41,7 +35,7 @@ def define_dataclass_flags(cls, *, defaults: dict | None = None, aliases: dict |
   for f in dataclasses.fields(cls):
     if f.name in skip:
       continue
-    tp, _ = _base_type(hints[f.name])
+    tp = _base_type(hints[f.name])
     default = defaults.get(f.name, f.default)
     help_ = f.metadata.get("help", f.name)
     choices = f.metadata.get("choices")
@@ -75,7 +69,7 @@ def dataclass_from_flags(cls, *, skip: tuple[str, ...] = (), flag_values=flags.F
     if f.name in skip or f.name in kw:
       continue
     v = flag_values[f.name].value
-    if _base_type(hints[f.name])[0] is tuple and v is not None:
+    if _base_type(hints[f.name]) is tuple and v is not None:
       v = tuple(v)
     kw[f.name] = v
   return cls(**kw)

@@ -35,9 +35,14 @@ from icarus_jax.errors import IcarusError
 Example = dict[str, str]
 
 
-def _addition(rng: random.Random) -> Example:
-  a, b = rng.randint(0, 999), rng.randint(0, 999)
+def _sum(rng: random.Random, largest: int) -> Example:
+  """``"a+b="`` -> ``"a+b"`` with operands in ``0..largest``."""
+  a, b = rng.randint(0, largest), rng.randint(0, largest)
   return {"prompt": f"{a}+{b}=", "response": str(a + b)}
+
+
+def _addition(rng: random.Random) -> Example:
+  return _sum(rng, 999)
 
 
 def _sorting(rng: random.Random) -> Example:
@@ -50,8 +55,10 @@ def _reversal(rng: random.Random) -> Example:
   return {"prompt": f"rev {word}:", "response": word[::-1]}
 
 
-def _kv_lookup(rng: random.Random) -> Example:
-  n = rng.randint(4, 8)
+def _key_value(rng: random.Random, fewest: int, most: int, query_end: str) -> Example:
+  """``fewest..most`` distinct 2-character keys with 2-character values written ``k=v;...``,
+  then one of the keys followed by ``query_end``; the answer is its value."""
+  n = rng.randint(fewest, most)
   alphabet = string.ascii_lowercase + string.digits
   keys: list[str] = []
   while len(keys) < n:
@@ -61,7 +68,11 @@ def _kv_lookup(rng: random.Random) -> Example:
   vals = ["".join(rng.choice(alphabet) for _ in range(2)) for _ in range(n)]
   q = rng.randrange(n)
   ctx = ";".join(f"{k}={v}" for k, v in zip(keys, vals))
-  return {"prompt": f"{ctx};{keys[q]}?", "response": vals[q]}
+  return {"prompt": f"{ctx};{keys[q]}{query_end}", "response": vals[q]}
+
+
+def _kv_lookup(rng: random.Random) -> Example:
+  return _key_value(rng, 4, 8, "?")
 
 
 _FIRST = ("Maria", "John", "Aiko", "Omar", "Lena", "Pedro", "Fatima", "Ivan", "Chloe", "Ravi",
@@ -125,22 +136,11 @@ def _topic(rng: random.Random) -> Example:
 
 
 def _kv_recall(rng: random.Random) -> Example:
-  n = rng.randint(3, 4)
-  alphabet = string.ascii_lowercase + string.digits
-  keys: list[str] = []
-  while len(keys) < n:
-    k = "".join(rng.choice(alphabet) for _ in range(2))
-    if k not in keys:
-      keys.append(k)
-  vals = ["".join(rng.choice(alphabet) for _ in range(2)) for _ in range(n)]
-  q = rng.randrange(n)
-  ctx = ";".join(f"{k}={v}" for k, v in zip(keys, vals))
-  return {"prompt": f"{ctx};{keys[q]}=", "response": vals[q]}
+  return _key_value(rng, 3, 4, "=")
 
 
 def _add2(rng: random.Random) -> Example:
-  a, b = rng.randint(0, 99), rng.randint(0, 99)
-  return {"prompt": f"{a}+{b}=", "response": str(a + b)}
+  return _sum(rng, 99)
 
 
 TASKS: dict[str, Callable[[random.Random], Example]] = {

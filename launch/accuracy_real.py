@@ -73,7 +73,7 @@ def main(argv):
   out = Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
   jsonl = out / "accuracy_real.jsonl"
-  from icarus_jax.accuracy_report import append_record, read_records
+  from icarus_jax.accuracy_report import append_record, means, read_records
   config = {k: FLAGS[k].value for k in ("base", "tasks", "methods", "seeds", "steps", "batch_size",
                                         "seq_len", "rank", "alpha", "lr", "warmup",
                                         "eval_examples")}
@@ -132,8 +132,7 @@ def main(argv):
     tqdm.write(f"{task} {method} seed {seed}: test {acc:.3f} ({rec['wall_s']} s)")
   summary = summarize(read_records(jsonl), out, config)
   print((out / "accuracy_real_table.md").read_text())
-  print(json.dumps({t: {m: round(c["mean"], 3) for m, c in v.items()}
-                    for t, v in summary["table"].items()}))
+  print(json.dumps(means(summary["table"])))
 
 
 if __name__ == "__main__":

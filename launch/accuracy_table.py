@@ -89,7 +89,7 @@ def write_summary(records: list[dict], out: Path, config: dict) -> dict:
 
 
 def main(argv):
-  from icarus_jax.accuracy_report import append_record, read_records
+  from icarus_jax.accuracy_report import append_record, means, read_records
   out = Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
   jsonl = out / "accuracy.jsonl"
@@ -191,8 +191,7 @@ def main(argv):
   bar.close()
   summary = write_summary(read_records(jsonl), out, config)
   print((out / "accuracy.table.md").read_text())
-  print(json.dumps({t: {m: round(c["mean"], 3) for m, c in v.items()}
-                    for t, v in summary["table"].items()}))
+  print(json.dumps(means(summary["table"])))
 
 
 if __name__ == "__main__":
