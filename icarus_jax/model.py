@@ -32,9 +32,9 @@ from icarus_jax.adapters import Adapter, lora_weights
 from icarus_jax.config import ModelConfig
 from icarus_jax.errors import IcarusError
 from icarus_jax.params import Params, lm_head_weight
+from kernels_pallas.reference import causal_visibility, masked_attention
 
 KVCache = dict  # {"k": [L, B, S, K, hd], "v": [L, B, S, K, hd]}
-NEG_INF = -1e30
 
 
 # ------------------------------------------------------------------------------------------
@@ -60,7 +60,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
               *, sliding_window: int | None = None, k_valid: jax.Array | None = None) -> jax.Array:
-  """Dense masked GQA attention (the jnp reference every kernel is checked against).
+  """Dense causal GQA attention: :func:`~kernels_pallas.reference.masked_attention` (the one jnp
+  attention every kernel is checked against) with a causal, windowed visibility.
 
   Args:
     q: ``[B, T, H, hd]`` queries (RoPE applied).
@@ -69,21 +70,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
     k_pos: ``[B, S]`` positions of the keys; key ``s`` is visible to query ``t`` iff
       ``k_pos[s] <= q_pos[t]`` (and within ``sliding_window``, and ``k_valid``).
   Returns:
-    ``[B, T, H, hd]`` in q's dtype. A query with no visible key gets a finite garbage row.
+    ``[B, T, H, hd]`` in q's dtype; a query with no visible key gets 0.
   """
-  B, T, H, hd = q.shape
-  K = k.shape[2]
-  qg = q.reshape(B, T, K, H // K, hd)
-  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * (hd ** -0.5)
-  mask = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
-  if sliding_window is not None:
-    mask &= k_pos[:, None, :] > q_pos[:, :, None] - sliding_window
+  vis = causal_visibility(q_pos, k_pos, sliding_window)
   if k_valid is not None:
-    mask &= k_valid[:, None, :]
-  s = jnp.where(mask[:, None, None], s, NEG_INF)
-  p = jax.nn.softmax(s, axis=-1)
-  o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return o.reshape(B, T, H, hd).astype(q.dtype)
+    vis &= k_valid[:, None, :]
+  return masked_attention(q, k, v, vis)
 
 
 def _lora_delta(x: jax.Array, ab: dict | None, rows: jax.Array | None) -> jax.Array | None:

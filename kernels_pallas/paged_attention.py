@@ -53,6 +53,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from kernels_pallas.reference import causal_visibility, gather_pages, masked_attention
+
 IMPLS = ("auto", "gpu", "tpu")
 MASK_VALUE = -1e30  # finite, so fully masked rows never produce inf - inf
 
@@ -63,32 +65,15 @@ MASK_VALUE = -1e30  # finite, so fully masked rows never produce inf - inf
 def paged_attention_reference(q: jax.Array, pages: jax.Array, page_table: jax.Array,
                               q_pos: jax.Array, *, sliding_window: int | None = None
                               ) -> jax.Array:
-  """Pure-jnp paged attention: gather every page of the row, mask, softmax in f32.
+  """Pure-jnp paged attention: :func:`~kernels_pallas.reference.masked_attention` over every
+  page of the row, keys at positions ``0 .. N * ps - 1``.
 
   Same contract as :func:`paged_attention`: ``[B, T, H, hd]`` in q's dtype, padding queries
-  (``q_pos == -1``) give 0. Keys no query can see are zeroed first, so NaN in unused pages is
-  harmless here too.
+  (``q_pos == -1``) give 0, NaN in slots no query may read is harmless.
   """
-  B, T, H, hd = q.shape
-  K = pages.shape[2] // 2
-  N, ps = page_table.shape[1], pages.shape[1]
-  kv = pages[page_table].reshape(B, N * ps, 2 * K, hd)
-  k_pos = jnp.arange(N * ps, dtype=jnp.int32)
-  vis = k_pos[None, None, :] <= q_pos[:, :, None]  # [B, T, S]
-  if sliding_window is not None:
-    vis &= k_pos[None, None, :] > q_pos[:, :, None] - sliding_window
-  used = jnp.any(vis, axis=1)  # [B, S]
-  kv = jnp.where(used[:, :, None, None], kv, 0)
-  k, v = kv[:, :, 0::2], kv[:, :, 1::2]  # interleaved: K_0, V_0, K_1, V_1, ...
-  qg = q.reshape(B, T, K, H // K, hd)
-  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) / math.sqrt(hd)
-  vis_b = vis[:, None, None]
-  s = jnp.where(vis_b, s, MASK_VALUE)
-  p = jnp.where(vis_b, jnp.exp(s - s.max(-1, keepdims=True)), 0.0)
-  l = p.sum(-1, keepdims=True)
-  p = p / jnp.where(l == 0, 1.0, l)
-  o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return o.reshape(B, T, H, hd).astype(q.dtype)
+  k, v = gather_pages(pages, page_table)
+  k_pos = jnp.arange(k.shape[1], dtype=jnp.int32)[None]
+  return masked_attention(q, k, v, causal_visibility(q_pos, k_pos, sliding_window))
 
 
 # ----------------------------------------------------------------------------- shared pieces

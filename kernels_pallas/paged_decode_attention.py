@@ -16,12 +16,12 @@ the decode contract: wrapper, validation and an independent pure-jnp reference.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
 from kernels_pallas.paged_attention import paged_attention
+from kernels_pallas.reference import causal_visibility, gather_pages, masked_attention
 
 
 def paged_decode_attention_reference(q: jax.Array, pages: jax.Array, page_table: jax.Array,
@@ -32,24 +32,10 @@ def paged_decode_attention_reference(q: jax.Array, pages: jax.Array, page_table:
   q ``[B, S, H, hd]``, pages ``[P, ps, 2K, hd]``, page_table ``[B, N]``, lengths ``[B]``;
   returns ``[B, S, H, hd]`` in q's dtype (0 for ``lengths == 0``).
   """
-  B, S, H, hd = q.shape
-  ps, K = pages.shape[1], pages.shape[2] // 2
-  N = page_table.shape[1]
-  kv = pages[page_table].reshape(B, N * ps, 2 * K, hd)
-  k_pos = jnp.arange(N * ps)[None, :]
-  visible = k_pos < lengths[:, None]  # [B, N*ps]
-  if sliding_window is not None:
-    visible &= k_pos >= lengths[:, None] - sliding_window
-  kv = jnp.where(visible[:, :, None, None], kv, 0)  # NaN in pages nobody may read stays out
-  k = kv[:, :, 0::2].astype(jnp.float32)  # K and V interleaved per kv head
-  v = kv[:, :, 1::2].astype(jnp.float32)
-  qg = q.astype(jnp.float32).reshape(B, S, K, H // K, hd)
-  logits = jnp.einsum("bskgd,bnkd->bskgn", qg, k) / math.sqrt(hd)
-  logits = jnp.where(visible[:, None, None, None], logits, -jnp.inf)
-  w = jax.nn.softmax(logits, axis=-1)
-  w = jnp.where(visible[:, None, None, None], w, 0.0)  # lengths == 0: all -inf -> NaN -> 0
-  o = jnp.einsum("bskgn,bnkd->bskgd", w, v)
-  return o.reshape(B, S, H, hd).astype(q.dtype)
+  k, v = gather_pages(pages, page_table)
+  k_pos = jnp.arange(k.shape[1], dtype=jnp.int32)[None]
+  q_pos = jnp.broadcast_to((lengths - 1)[:, None], q.shape[:2])  # every stream at the last key
+  return masked_attention(q, k, v, causal_visibility(q_pos, k_pos, sliding_window))
 
 
 @functools.partial(jax.jit, static_argnames=("sliding_window", "pages_per_chunk", "num_splits",

@@ -19,12 +19,12 @@ that indexes the packed array directly.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
 from kernels_pallas.paged_attention import paged_attention
+from kernels_pallas.reference import causal_visibility, gather_pages, masked_attention
 
 
 def ragged_paged_prefill_attention_reference(q: jax.Array, pages: jax.Array,
@@ -35,28 +35,16 @@ def ragged_paged_prefill_attention_reference(q: jax.Array, pages: jax.Array,
 
   Returns ``[total_tokens, heads, head_dim]`` in q's dtype; rows past ``cu_q_lens[-1]`` are 0.
   """
-  Tt, H, hd = q.shape
-  ps, K = pages.shape[1], pages.shape[2] // 2
-  N = page_tables.shape[1]
-  i = jnp.arange(Tt)
+  i = jnp.arange(q.shape[0])
   seq = jnp.clip(jnp.searchsorted(cu_q_lens, i, side="right") - 1, 0, page_tables.shape[0] - 1)
   q_len = cu_q_lens[seq + 1] - cu_q_lens[seq]
   pos = kv_lens[seq] - q_len + (i - cu_q_lens[seq])  # [Tt]
   live = i < cu_q_lens[-1]
-  kv = pages[page_tables[seq]].reshape(Tt, N * ps, 2 * K, hd)
-  k_pos = jnp.arange(N * ps)[None, :]
-  visible = (k_pos <= pos[:, None]) & live[:, None]
-  if sliding_window is not None:
-    visible &= k_pos > pos[:, None] - sliding_window
-  kv = jnp.where(visible[:, :, None, None], kv, 0)
-  k = kv[:, :, 0::2].astype(jnp.float32)  # K and V interleaved per kv head
-  v = kv[:, :, 1::2].astype(jnp.float32)
-  qg = q.astype(jnp.float32).reshape(Tt, K, H // K, hd)
-  logits = jnp.einsum("tkgd,tnkd->tkgn", qg, k) / math.sqrt(hd)
-  logits = jnp.where(visible[:, None, None], logits, -jnp.inf)
-  w = jnp.where(visible[:, None, None], jax.nn.softmax(logits, axis=-1), 0.0)
-  o = jnp.einsum("tkgn,tnkd->tkgd", w, v)
-  return o.reshape(Tt, H, hd).astype(q.dtype)
+  k, v = gather_pages(pages, page_tables[seq])  # [Tt, N * ps, K, hd]: one "row" per token
+  k_pos = jnp.arange(k.shape[1], dtype=jnp.int32)[None]
+  q_pos = jnp.where(live, pos, -1)[:, None]  # [Tt, 1]
+  o = masked_attention(q[:, None], k, v, causal_visibility(q_pos, k_pos, sliding_window))
+  return o[:, 0]
 
 
 @functools.partial(jax.jit, static_argnames=("max_q_len", "q_block", "sliding_window",

@@ -294,3 +294,32 @@ def test_real_lowerings_trace_on_cpu(monkeypatch, platform, T, q_block, dtype, w
                            pages_per_chunk=4, num_splits=splits, sliding_window=window)
   text = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
   assert ("__gpu$xla.gpu.triton" in text) if platform == "cuda" else ("tpu_custom_call" in text)
+
+
+def test_masked_attention_against_a_numpy_loop():
+  """The one jnp reference against a per-query numpy loop (float64): GQA grouping, the scale,
+  a sliding window, NaN in keys no query sees, and a query that sees nothing (output 0)."""
+  from kernels_pallas.reference import causal_visibility, masked_attention
+  rng = np.random.RandomState(0)
+  B, T, S, H, K, hd, win = 2, 3, 7, 4, 2, 8, 4
+  q = rng.randn(B, T, H, hd).astype(np.float32)
+  k = rng.randn(B, S, K, hd).astype(np.float32)
+  v = rng.randn(B, S, K, hd).astype(np.float32)
+  q_pos = np.array([[1, 4, 5], [-1, 2, 3]], np.int32)
+  k[0, 6], v[1, 4:] = np.nan, np.inf  # row 0 never sees key 6, row 1 never sees keys >= 4
+  vis = np.asarray(causal_visibility(jnp.asarray(q_pos), jnp.arange(S)[None], win))
+  out = np.asarray(masked_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                    jnp.asarray(vis)))
+  for b in range(B):
+    for t in range(T):
+      seen = [s for s in range(S) if 0 <= s <= q_pos[b, t] and s > q_pos[b, t] - win]
+      assert list(np.flatnonzero(vis[b, t])) == seen
+      for h in range(H):
+        if not seen:
+          np.testing.assert_array_equal(out[b, t, h], 0.0)
+          continue
+        kk = k[b, seen, h // (H // K)].astype(np.float64)
+        sc = kk @ q[b, t, h].astype(np.float64) / np.sqrt(hd)
+        p = np.exp(sc - sc.max())
+        want = (p / p.sum()) @ v[b, seen, h // (H // K)].astype(np.float64)
+        np.testing.assert_allclose(out[b, t, h], want, atol=2e-6, rtol=1e-5)

@@ -1,0 +1,72 @@
+"""The one jnp attention reference: dense, masked, grouped-query, NaN-safe.
+
+Every other attention in the project is this function on a different view of the keys: the
+model's dense causal attention (keys are the tokens themselves), the engine's paged reference
+(keys gathered from the row's pages), and the references the Pallas kernels are tested against
+(decode streams, ragged prefill). Only the visibility mask differs; the arithmetic is here once.
+
+Shapes: B rows, T queries per row, S keys per row, H query heads, K kv heads (G = H / K query
+heads share one kv head), hd head_dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
+  """``softmax(q k^T / sqrt(hd)) v`` over the keys ``visible`` marks.
+
+  Args:
+    q: ``[B, T, H, hd]`` queries (RoPE applied).
+    k, v: ``[B, S, K, hd]`` keys (RoPE applied) and values; ``H % K == 0``.
+    visible: ``[B, T, S]`` bool, key ``s`` is visible to query ``t``.
+  Returns:
+    ``[B, T, H, hd]`` in q's dtype. Scores and softmax are float32 (the products accumulate in
+    float32 from q's dtype). Keys and values no query of the row can see are zeroed before they
+    are read, so inf/NaN in unused slots (stale pages, the null page) never reach the output; a
+    query that sees no key gets 0.
+  """
+  B, T, H, hd = q.shape
+  K = k.shape[2]
+  used = jnp.any(visible, axis=1)[:, :, None, None]  # [B, S, 1, 1]
+  k = jnp.where(used, k, 0)
+  v = jnp.where(used, v, 0)
+  qg = q.reshape(B, T, K, H // K, hd)
+  s = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
+                 preferred_element_type=jnp.float32) / math.sqrt(hd)
+  vis = visible[:, None, None]  # [B, 1, 1, T, S]
+  s = jnp.where(vis, s, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.where(vis, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+  l = p.sum(-1, keepdims=True)
+  p = p / jnp.where(l == 0, 1.0, l)
+  o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return o.reshape(B, T, H, hd).astype(q.dtype)
+
+
+def gather_pages(pages: jax.Array, page_table: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Keys and values of each row's pages, in logical order.
+
+  ``pages [P, ps, 2K, hd]`` (K and V interleaved per kv head), ``page_table [B, N]`` ->
+  ``k, v [B, N * ps, K, hd]``; key ``s`` of row ``b`` is at position ``s``.
+  """
+  B, N = page_table.shape
+  ps, K2, hd = pages.shape[1:]
+  kv = pages[page_table].reshape(B, N * ps, K2, hd)
+  return kv[:, :, 0::2], kv[:, :, 1::2]
+
+
+def causal_visibility(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None = None
+                      ) -> jax.Array:
+  """``[B, T, S]``: key at ``k_pos [B or 1, S]`` is visible to the query at ``q_pos [B, T]`` iff
+  ``k_pos <= q_pos`` (and ``k_pos > q_pos - sliding_window``). ``q_pos = -1`` sees nothing."""
+  kp = k_pos[:, None, :]
+  qp = q_pos[:, :, None]
+  vis = (kp <= qp) & (kp >= 0)
+  if sliding_window is not None:
+    vis &= kp > qp - sliding_window
+  return vis
