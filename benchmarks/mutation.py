@@ -95,9 +95,9 @@ TARGETS = [
 # Hand-planted bugs of the kinds that once survived the suite (issue: tests that catch real
 # bugs). Each: (name, module, exact text, replacement, pytest args). ``--planted`` runs them.
 PLANTED = [
-    ("training encoder sees the adapter", "icarus_jax/training.py",
-     '_, kv = _single_stream(cfg, base, {"layers": {}}, tokens, pos, None, False)',
-     '_, kv = _single_stream(cfg, *model_view(base, adapter), tokens, pos, None, False)',
+    ("training encoder sees the adapter", "icarus_jax/model.py",
+     '_, kv = single_stream(cfg, base, {"layers": {}}, tokens, positions, None, False)',
+     '_, kv = single_stream(cfg, *model_view(base, adapter), tokens, positions, None, False)',
      ("tests/test_oracles.py", "-k", "training")),
     ("top-p off by one", "icarus_jax/sampling.py",
      "cutoff_idx = jnp.sum(cum - probs < top_p[:, None], axis=-1) - 1",

@@ -22,7 +22,9 @@ zeros):
 ``icarus_step`` runs two streams per row in one pass over the weights: the encoder over the new
 tokens (base weights, writes K/V) and the decoder at ``dec_pos`` (base + the row's adapter). Their
 hidden states are concatenated on the token axis, so every projection reads the weights once and
-one attention call serves both streams over the same pages. A decode step is ``T = 1`` with the
+one attention call serves both streams over the same pages. Both steps run their layers through
+:func:`icarus_jax.model.block`, the model's only layer implementation; what is specific to
+serving here is the paged ``attend`` (write K/V into the pool, attend over the row's pages). A decode step is ``T = 1`` with the
 decoder on the same token; a prefill chunk is ``T > 1`` with the decoder at the chunk's last
 position (its logits are used only for the final chunk); a fully cached prompt is ``T`` padding
 plus the decoder row.
@@ -41,8 +43,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from icarus_jax.config import ModelConfig
-from icarus_jax.model import (_lora_delta, apply_rope, embed, head, layer_kv, layer_out,
-                              layer_q, project, rms_norm)
+from icarus_jax.model import block, embed, head
 from icarus_jax.params import Params
 from icarus_jax.step_batch import StepBatch
 from kernels_pallas.paged_attention import paged_attention
@@ -122,17 +123,6 @@ class ShardedAttention:
                          check_vma=False)(q, pool, table, q_pos)
 
 
-def _proj_dec(x, w, bias, lora, rows, T):
-  """``x [B, T+1, in] @ w``; the LoRA delta only on the decoder token ``x[:, T:]``."""
-  y = x @ w
-  if bias is not None:
-    y = y + bias
-  d = _lora_delta(x[:, T:], lora, rows)
-  if d is None:
-    return y
-  return jnp.concatenate([y[:, :T], y[:, T:] + d.astype(y.dtype)], axis=1)
-
-
 def _layer_scan(body, carry, base: Params, pool: Params, pages: jax.Array):
   """Runs ``body(carry, pool_flat, (lp, ll, table_offset)) -> (carry, pool_flat)`` over layers.
 
@@ -153,47 +143,41 @@ def _layer_scan(body, carry, base: Params, pool: Params, pages: jax.Array):
   return carry, pool_flat.reshape(pages.shape)
 
 
+def paged_attend(pool_flat: jax.Array, table: jax.Array, q_pos: jax.Array, positions: jax.Array,
+                 valid: jax.Array, attn_fn, sliding_window: int | None):
+  """The block's ``attend`` over the paged pool: scatter the new K/V of the tokens at
+  ``positions``/``valid`` into their pages, then ``attn_fn`` over the row's pages;
+  ``aux`` is the updated flat pool."""
+  def attend(q, k, v):
+    pool = write_kv(pool_flat, k, v, table, positions, valid)
+    return attn_fn(q, pool, table, q_pos, sliding_window=sliding_window), pool
+  return attend
+
+
 def icarus_forward(cfg: ModelConfig, base: Params, pool: Params, pages: jax.Array,
                 tokens: jax.Array, positions: jax.Array, valid: jax.Array, page_table: jax.Array,
                 dec_token: jax.Array, dec_pos: jax.Array, rows: jax.Array, attn_fn=None):
   """Fused ICaRus step. Returns ``(logits [B, V] float32 of the decoder rows, pages)``.
 
-  ``pages [L, P, ps, 2K, hd]`` is donated and updated in place (only the written slots change).
+  Each layer is one :func:`~icarus_jax.model.block` over ``[B, T + 1]`` tokens: the ``T``
+  encoder tokens make K/V with the base weights, the decoder token (the last) uses the row's
+  adapter and only queries. ``pages [L, P, ps, 2K, hd]`` is donated and updated in place (only
+  the written slots change).
   """
-  B, T = tokens.shape
+  T = tokens.shape[1]
   attn_fn = attn_fn or paged_attention_reference
-  h_enc = embed(base, tokens)
-  h_dec = embed(base, dec_token[:, None])
+  h = embed(base, jnp.concatenate([tokens, dec_token[:, None]], axis=1))  # [B, T+1, D]
   q_pos = jnp.concatenate([positions, dec_pos[:, None]], axis=1)
-  inv_freq = cfg.rope_inv_freq()
-  H, K, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
 
-  def body(carry, pool_flat, xs):
-    h_enc, h_dec = carry
+  def body(h, pool_flat, xs):
     lp, ll, offset = xs
-    table = page_table + offset
-    h = jnp.concatenate([h_enc, h_dec], axis=1)  # [B, T+1, D]: encoder tokens, decoder token
-    a = rms_norm(h, lp["attn_norm"], cfg.norm_eps)
-    q = _proj_dec(a, lp["q"], lp.get("q_bias"), ll.get("q"), rows, T).reshape(B, T + 1, H, hd)
-    ae = a[:, :T]
-    k = project(ae, lp["k"], bias=lp.get("k_bias")).reshape(B, T, K, hd)  # encoder: no adapter
-    v = project(ae, lp["v"], bias=lp.get("v_bias")).reshape(B, T, K, hd)
-    if cfg.qk_norm:
-      q = rms_norm(q, lp["q_norm"], cfg.norm_eps)
-      k = rms_norm(k, lp["k_norm"], cfg.norm_eps)
-    q = apply_rope(q, q_pos, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
-    pool_flat = write_kv(pool_flat, k, v, table, positions, valid)
-    o = attn_fn(q, pool_flat, table, q_pos, sliding_window=cfg.sliding_window)
-    h = h + _proj_dec(o.reshape(B, T + 1, H * hd), lp["o"], None, ll.get("o"), rows, T)
-    m = rms_norm(h, lp["mlp_norm"], cfg.norm_eps)
-    g = _proj_dec(m, lp["gate"], None, ll.get("gate"), rows, T)
-    u = _proj_dec(m, lp["up"], None, ll.get("up"), rows, T)
-    h = h + _proj_dec(jax.nn.silu(g) * u, lp["down"], None, ll.get("down"), rows, T)
-    return (h[:, :T], h[:, T:]), pool_flat
+    attend = paged_attend(pool_flat, page_table + offset, q_pos, positions, valid, attn_fn,
+                          cfg.sliding_window)
+    return block(cfg, lp, ll, h, q_pos, attend, kv_tokens=T, lora_from=T, kv_lora=False,
+                 rows=rows)
 
-  (_, h_dec), pages = _layer_scan(body, (h_enc, h_dec), base, pool, pages)
-  logits = head(cfg, base, pool.get("lm_head"), h_dec, rows)[:, 0]
+  h, pages = _layer_scan(body, h, base, pool, pages)
+  logits = head(cfg, base, pool.get("lm_head"), h[:, T:], rows)[:, 0]
   return logits, pages
 
 
@@ -209,12 +193,9 @@ def conventional_forward(cfg: ModelConfig, base: Params, pool: Params, pages: ja
 
   def body(h, pool_flat, xs):
     lp, ll, offset = xs
-    table = page_table + offset
-    q = layer_q(cfg, lp, ll, h, positions, rows)
-    k, v = layer_kv(cfg, lp, ll, h, positions, rows)
-    pool_flat = write_kv(pool_flat, k, v, table, positions, valid)
-    o = attn_fn(q, pool_flat, table, positions, sliding_window=cfg.sliding_window)
-    return layer_out(cfg, lp, ll, h, o, rows), pool_flat
+    attend = paged_attend(pool_flat, page_table + offset, positions, positions, valid, attn_fn,
+                          cfg.sliding_window)
+    return block(cfg, lp, ll, h, positions, attend, rows=rows)
 
   h, pages = _layer_scan(body, embed(base, tokens), base, pool, pages)
   h_last = jnp.take_along_axis(h, last_idx[:, None, None], axis=1)

@@ -15,7 +15,7 @@ import numpy as np
 
 from icarus_jax.adapters import Adapter
 from icarus_jax.config import ModelConfig
-from icarus_jax.model import _decoder_stream, _single_stream, init_cache, model_view
+from icarus_jax.model import decoder_stream, init_cache, model_view, single_stream
 from icarus_jax.params import Params
 
 
@@ -25,11 +25,11 @@ def _prefill(cfg, base, weights, lora, cache, tokens, lengths, icarus: bool):
   pos = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
   last = (lengths - 1)[:, None]
   if icarus:
-    _, cache = _single_stream(cfg, base, {"layers": {}}, tokens, pos, cache, False)
+    _, cache = single_stream(cfg, base, {"layers": {}}, tokens, pos, cache, False)
     tok_last = jnp.take_along_axis(tokens, last, axis=1)
-    logits = _decoder_stream(cfg, weights, lora, tok_last, last, cache)[:, 0]
+    logits = decoder_stream(cfg, weights, lora, tok_last, last, cache)[:, 0]
   else:
-    logits, cache = _single_stream(cfg, weights, lora, tokens, pos, cache, True)
+    logits, cache = single_stream(cfg, weights, lora, tokens, pos, cache, True)
     logits = jnp.take_along_axis(logits, last[:, :, None], axis=1)[:, 0]
   return jnp.argmax(logits, -1).astype(jnp.int32), cache
 
@@ -38,10 +38,10 @@ def _prefill(cfg, base, weights, lora, cache, tokens, lengths, icarus: bool):
 def _step(cfg, base, weights, lora, cache, tok, pos, icarus: bool):
   tok, pos = tok[:, None], pos[:, None]
   if icarus:
-    _, cache = _single_stream(cfg, base, {"layers": {}}, tok, pos, cache, False)
-    logits = _decoder_stream(cfg, weights, lora, tok, pos, cache)[:, 0]
+    _, cache = single_stream(cfg, base, {"layers": {}}, tok, pos, cache, False)
+    logits = decoder_stream(cfg, weights, lora, tok, pos, cache)[:, 0]
   else:
-    logits, cache = _single_stream(cfg, weights, lora, tok, pos, cache, True)
+    logits, cache = single_stream(cfg, weights, lora, tok, pos, cache, True)
     logits = logits[:, 0]
   return jnp.argmax(logits, -1).astype(jnp.int32), cache
 

@@ -15,14 +15,15 @@ Streams (see ``../shared/DESIGN.md`` section 1):
   conventional model with a standard LoRA/full adapter applied everywhere, or an ICaRus model
   (``decode(encode(tokens))``).
 
-Layer building blocks (``layer_q``, ``layer_kv``, ``layer_out``, ``head``) are public so the
-serving engine composes the same math over its paged cache.
+The layer math is written once, in :func:`block`; every path (these streams, training's two
+streams, generation, the serving engine's fused step over its paged pool) runs its layers
+through it and differs only in how K/V are stored and attended.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -78,11 +79,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
   return masked_attention(q, k, v, vis)
 
 
-def _lora_delta(x: jax.Array, ab: dict | None, rows: jax.Array | None) -> jax.Array | None:
+def lora_delta(x: jax.Array, ab: dict | None, rows: jax.Array | None) -> jax.Array | None:
   """``(x @ a) @ b`` for ``x [B, T, in]``.
 
   ``a [in, r]``/``b [r, out]`` (one adapter), or pool factors ``a [A, in, r]`` gathered by
-  ``rows [B]`` (one adapter slot per batch row, the BGMV pattern).
+  ``rows [B]`` (one adapter slot per batch row, the BGMV pattern; see ``docs/model.md`` for why a
+  gather rather than a ``vmap`` over rows).
   """
   if ab is None:
     return None
@@ -95,54 +97,83 @@ def _lora_delta(x: jax.Array, ab: dict | None, rows: jax.Array | None) -> jax.Ar
 
 
 def project(x: jax.Array, w: jax.Array, *, bias: jax.Array | None = None, lora: dict | None = None,
-            rows: jax.Array | None = None) -> jax.Array:
-  """``x @ w (+ bias) (+ LoRA delta)``; ``x [B, T, in]``, ``w [in, out]`` -> ``[B, T, out]``."""
+            rows: jax.Array | None = None, lora_from: int = 0) -> jax.Array:
+  """``x @ w (+ bias) (+ LoRA delta on tokens t >= lora_from)``.
+
+  ``x [B, T, in]``, ``w [in, out]`` -> ``[B, T, out]``. ``lora_from`` splits the token axis into
+  a base-weights part and an adapter part (the fused ICaRus step: encoder tokens, then the
+  decoder's); 0 applies the adapter to every token.
+  """
   y = x @ w
   if bias is not None:
     y = y + bias
-  d = _lora_delta(x, lora, rows)
-  if d is not None:
-    y = y + d.astype(y.dtype)
-  return y
+  if lora is None or lora_from >= x.shape[1]:
+    return y
+  d = lora_delta(x[:, lora_from:], lora, rows).astype(y.dtype)
+  if lora_from == 0:
+    return y + d
+  return jnp.concatenate([y[:, :lora_from], y[:, lora_from:] + d], axis=1)
 
 
 # ------------------------------------------------------------------------------------------
-# One layer, in pieces. ``lp`` = that layer's weights (base, with full-adapter replacements),
-# ``lora`` = that layer's LoRA factors {target: {"a","b"}} (maybe empty).
+# The transformer block: the one place the layer math lives.
 # ------------------------------------------------------------------------------------------
-def layer_q(cfg: ModelConfig, lp: Params, lora: Params, h: jax.Array, pos: jax.Array,
-            rows: jax.Array | None = None) -> jax.Array:
-  """Queries of one layer: ``h [B, T, D]`` -> ``[B, T, H, hd]`` (norm, proj, q-norm, RoPE)."""
-  a = rms_norm(h, lp["attn_norm"], cfg.norm_eps)
-  q = project(a, lp["q"], bias=lp.get("q_bias"), lora=lora.get("q"), rows=rows)
-  q = q.reshape(*h.shape[:2], cfg.num_heads, cfg.head_dim)
+Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def block(cfg: ModelConfig, lp: Params, lora: Params, h: jax.Array, q_pos: jax.Array,
+          attend: Attend, *, kv_tokens: int | None = None, lora_from: int = 0,
+          kv_lora: bool = True, rows: jax.Array | None = None) -> tuple[jax.Array, Any]:
+  """One layer: attention (pre-norm, GQA, RoPE, optional biases and q/k-norm) and gated MLP.
+
+  Every path runs its layers through this function: ``forward``/``encode`` (one stream),
+  ``decode`` (queries only, over given K/V), training's two streams, greedy generation, and the
+  engine's fused and conventional steps over the paged pool. They differ only in ``attend`` and
+  in which tokens make K/V and which see the adapter.
+
+  Args:
+    lp: this layer's weights (base, with a full adapter's replacements swapped in).
+    lora: this layer's LoRA factors ``{target: {"a", "b"}}`` (maybe empty; pool factors
+      ``[A, ...]`` with ``rows``).
+    h: ``[B, T, D]`` hidden states at positions ``q_pos [B, T]``.
+    attend: ``(q [B, T, H, hd], k, v [B, kv_tokens, K, hd]) -> (o [B, T, H, hd], aux)``; it
+      places this layer's new K/V (a dense list, a contiguous cache, the paged pool) and
+      attends. ``aux`` is returned unchanged (new K/V, an updated cache or pool).
+    kv_tokens: the first ``kv_tokens`` tokens make K/V (default all; 0 for a decoder stream
+      that reads K/V made elsewhere).
+    lora_from: tokens ``t >= lora_from`` use the adapter on q, o and the MLP.
+    kv_lora: whether the K/V tokens use the adapter on k and v (a conventional model: True;
+      the frozen ICaRus encoder: False).
+    rows: ``[B]`` adapter slot of each row when ``lora`` holds pool factors.
+  Returns:
+    ``(h [B, T, D], aux)``.
+  """
+  B, T = h.shape[:2]
+  n_kv = T if kv_tokens is None else kv_tokens
+  H, K, hd, eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.norm_eps
+  inv_freq = cfg.rope_inv_freq()
+
+  def proj(x, name, start):
+    return project(x, lp[name], bias=lp.get(name + "_bias"), lora=lora.get(name), rows=rows,
+                   lora_from=start)
+
+  a = rms_norm(h, lp["attn_norm"], eps)
+  q = proj(a, "q", lora_from).reshape(B, T, H, hd)
   if cfg.qk_norm:
-    q = rms_norm(q, lp["q_norm"], cfg.norm_eps)
-  return apply_rope(q, pos, cfg.rope_inv_freq())
-
-
-def layer_kv(cfg: ModelConfig, lp: Params, lora: Params, h: jax.Array, pos: jax.Array,
-             rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Keys and values of one layer: ``h [B, T, D]`` -> two ``[B, T, K, hd]`` (RoPE on k)."""
-  a = rms_norm(h, lp["attn_norm"], cfg.norm_eps)
-  k = project(a, lp["k"], bias=lp.get("k_bias"), lora=lora.get("k"), rows=rows)
-  v = project(a, lp["v"], bias=lp.get("v_bias"), lora=lora.get("v"), rows=rows)
-  k = k.reshape(*h.shape[:2], cfg.num_kv_heads, cfg.head_dim)
-  v = v.reshape(*h.shape[:2], cfg.num_kv_heads, cfg.head_dim)
+    q = rms_norm(q, lp["q_norm"], eps)
+  q = apply_rope(q, q_pos, inv_freq)
+  ak = a[:, :n_kv]
+  kv_start = 0 if kv_lora else n_kv
+  k = proj(ak, "k", kv_start).reshape(B, n_kv, K, hd)
+  v = proj(ak, "v", kv_start).reshape(B, n_kv, K, hd)
   if cfg.qk_norm:
-    k = rms_norm(k, lp["k_norm"], cfg.norm_eps)
-  return apply_rope(k, pos, cfg.rope_inv_freq()), v
-
-
-def layer_out(cfg: ModelConfig, lp: Params, lora: Params, h: jax.Array, attn: jax.Array,
-              rows: jax.Array | None = None) -> jax.Array:
-  """Output projection, residual and gated MLP: ``attn [B, T, H, hd]`` -> new ``h [B, T, D]``."""
-  o = project(attn.reshape(*attn.shape[:2], -1), lp["o"], lora=lora.get("o"), rows=rows)
-  h = h + o
-  m = rms_norm(h, lp["mlp_norm"], cfg.norm_eps)
-  g = project(m, lp["gate"], lora=lora.get("gate"), rows=rows)
-  u = project(m, lp["up"], lora=lora.get("up"), rows=rows)
-  return h + project(jax.nn.silu(g) * u, lp["down"], lora=lora.get("down"), rows=rows)
+    k = rms_norm(k, lp["k_norm"], eps)
+  k = apply_rope(k, q_pos[:, :n_kv], inv_freq)
+  o, aux = attend(q, k, v)
+  h = h + proj(o.reshape(B, T, H * hd), "o", lora_from)
+  m = rms_norm(h, lp["mlp_norm"], eps)
+  g = jax.nn.silu(proj(m, "gate", lora_from)) * proj(m, "up", lora_from)
+  return h + proj(g, "down", lora_from), aux
 
 
 def head(cfg: ModelConfig, top: Params, lora_head: dict | None, h: jax.Array,
@@ -204,31 +235,49 @@ def _default_positions(tokens: jax.Array, positions) -> jax.Array:
 # ------------------------------------------------------------------------------------------
 # Streams
 # ------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("cfg", "with_head"))
-def _single_stream(cfg: ModelConfig, weights: Params, lora: Params, tokens: jax.Array,
-                   positions: jax.Array, cache: KVCache | None, with_head: bool):
-  """One stream where the same weights make K/V and queries (the base or a standard model).
+def dense_attend(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None,
+                 cache: tuple[jax.Array, jax.Array] | None = None) -> Attend:
+  """``attend`` over a contiguous cache (or, without one, over the block's own new K/V).
 
-  Without ``cache``: attention over the tokens themselves; returns (logits|None, kv [L,B,T,K,hd]).
-  With ``cache`` ``[L, B, S, K, hd]``: new K/V are written at ``positions`` and queries attend to
-  cache keys at positions <= their own; returns (logits|None, updated cache).
+  With ``cache = (k, v) [B, S, K, hd]`` of this layer, the new K/V are written at their
+  positions and queries attend to cache keys at ``k_pos [B, S]``; ``aux`` is the updated
+  ``(k, v)``. Without a cache, ``aux`` is the new ``(k, v)`` and keys are at ``q_pos``.
+  A block with ``kv_tokens=0`` reads the cache as given (the decoder stream).
+  """
+  def attend(q, k, v):
+    if cache is None:
+      ck, cv, kp = k, v, q_pos[:, :k.shape[1]]
+    else:
+      ck, cv = cache
+      kp = k_pos
+      if k.shape[1]:
+        bidx = jnp.arange(k.shape[0])[:, None]
+        ck = ck.at[bidx, q_pos[:, :k.shape[1]]].set(k.astype(ck.dtype))
+        cv = cv.at[bidx, q_pos[:, :k.shape[1]]].set(v.astype(cv.dtype))
+    return attention(q, ck, cv, q_pos, kp, sliding_window=sliding_window), (ck, cv)
+  return attend
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "with_head"))
+def single_stream(cfg: ModelConfig, weights: Params, lora: Params, tokens: jax.Array,
+                  positions: jax.Array, cache: KVCache | None, with_head: bool):
+  """One stream where the same weights make K/V and queries (the base or a conventional model).
+
+  Args: ``weights``/``lora`` from :func:`model_view`; ``tokens``, ``positions [B, T]``.
+  Without ``cache``: attention over the tokens themselves; returns
+  ``(logits [B, T, V] | None, kv {"k","v": [L, B, T, K, hd]})``.
+  With ``cache [L, B, S, K, hd]``: new K/V are written at ``positions`` and queries attend to
+  cache keys at positions <= their own; returns ``(logits | None, updated cache)``.
   """
   h = embed(weights, tokens)
-  B = tokens.shape[0]
-  bidx = jnp.arange(B)[:, None]
+  S = cache["k"].shape[2] if cache is not None else 0
+  k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (tokens.shape[0], S))
 
   def body(h, xs):
     lp, ll, ck, cv = xs
-    q = layer_q(cfg, lp, ll, h, positions)
-    k, v = layer_kv(cfg, lp, ll, h, positions)
-    if ck is None:
-      ck, cv, k_pos = k, v, positions
-    else:
-      ck = ck.at[bidx, positions].set(k.astype(ck.dtype))
-      cv = cv.at[bidx, positions].set(v.astype(cv.dtype))
-      k_pos = jnp.broadcast_to(jnp.arange(ck.shape[1], dtype=jnp.int32), ck.shape[:2])
-    a = attention(q, ck, cv, positions, k_pos, sliding_window=cfg.sliding_window)
-    return layer_out(cfg, lp, ll, h, a), (ck, cv)
+    attend = dense_attend(positions, k_pos, cfg.sliding_window,
+                          None if ck is None else (ck, cv))
+    return block(cfg, lp, ll, h, positions, attend)
 
   ck = cache["k"] if cache is not None else None
   cv = cache["v"] if cache is not None else None
@@ -238,20 +287,32 @@ def _single_stream(cfg: ModelConfig, weights: Params, lora: Params, tokens: jax.
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _decoder_stream(cfg: ModelConfig, weights: Params, lora: Params, tokens: jax.Array,
-                    positions: jax.Array, kv: KVCache) -> jax.Array:
+def decoder_stream(cfg: ModelConfig, weights: Params, lora: Params, tokens: jax.Array,
+                   positions: jax.Array, kv: KVCache) -> jax.Array:
+  """The ICaRus decoder over the encoder's ``kv [L, B, S, K, hd]`` (read, never written):
+  float32 logits ``[B, T, V]`` for ``tokens`` at ``positions [B, T]``."""
   h = embed(weights, tokens)
   S = kv["k"].shape[2]
   k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (tokens.shape[0], S))
 
   def body(h, xs):
     lp, ll, k, v = xs
-    q = layer_q(cfg, lp, ll, h, positions)
-    a = attention(q, k, v, positions, k_pos, sliding_window=cfg.sliding_window)
-    return layer_out(cfg, lp, ll, h, a), None
+    attend = dense_attend(positions, k_pos, cfg.sliding_window, (k, v))
+    h, _ = block(cfg, lp, ll, h, positions, attend, kv_tokens=0)
+    return h, None
 
   h, _ = jax.lax.scan(body, h, (weights["layers"], lora["layers"], kv["k"], kv["v"]))
   return head(cfg, weights, lora.get("lm_head"), h)
+
+
+def icarus_logits(cfg: ModelConfig, base: Params, adapter: Adapter | None, tokens: jax.Array,
+                  positions: jax.Array) -> jax.Array:
+  """Both ICaRus streams (un-jitted, traceable): the frozen base encodes ``tokens``, the decoder
+  with ``adapter`` reads its K/V. Logits ``[B, T, V]``; no gradient reaches the encoder."""
+  _, kv = single_stream(cfg, base, {"layers": {}}, tokens, positions, None, False)
+  kv = jax.lax.stop_gradient(kv)  # the encoder is frozen
+  weights, lora = model_view(base, adapter)
+  return decoder_stream(cfg, weights, lora, tokens, positions, kv)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -271,7 +332,7 @@ def encode(config: ModelConfig, base_params: Params, tokens, *, positions=None,
   """
   tokens = _check_tokens(config, tokens)
   positions = _default_positions(tokens, positions)
-  _, kv = _single_stream(config, base_params, {"layers": {}}, tokens, positions, cache, False)
+  _, kv = single_stream(config, base_params, {"layers": {}}, tokens, positions, cache, False)
   return kv
 
 
@@ -290,7 +351,7 @@ def decode(config: ModelConfig, base_params: Params, adapter: Adapter | None, to
   tokens = _check_tokens(config, tokens)
   positions = _default_positions(tokens, positions)
   weights, lora = model_view(base_params, adapter)
-  return _decoder_stream(config, weights, lora, tokens, positions, kv)
+  return decoder_stream(config, weights, lora, tokens, positions, kv)
 
 
 def forward(config: ModelConfig, base_params: Params, tokens, adapter: Adapter | None = None, *,
@@ -307,7 +368,7 @@ def forward(config: ModelConfig, base_params: Params, tokens, adapter: Adapter |
     kv = encode(config, base_params, tokens, positions=positions)
     return decode(config, base_params, adapter, tokens, kv, positions=positions)
   weights, lora = model_view(base_params, adapter)
-  logits, _ = _single_stream(config, weights, lora, tokens, positions, None, True)
+  logits, _ = single_stream(config, weights, lora, tokens, positions, None, True)
   return logits
 
 
@@ -323,4 +384,4 @@ def forward_with_cache(config: ModelConfig, base_params: Params, tokens, cache: 
   tokens = _check_tokens(config, tokens)
   positions = _default_positions(tokens, positions)
   weights, lora = model_view(base_params, adapter)
-  return _single_stream(config, weights, lora, tokens, positions, cache, True)
+  return single_stream(config, weights, lora, tokens, positions, cache, True)

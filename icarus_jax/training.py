@@ -25,7 +25,7 @@ from icarus_jax.adapters import (DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGETS, A
                                  init_adapter)
 from icarus_jax.config import ModelConfig
 from icarus_jax.errors import IcarusError
-from icarus_jax.model import _decoder_stream, _single_stream, model_view
+from icarus_jax.model import icarus_logits, model_view, single_stream
 from icarus_jax.params import Params
 
 MODES = ("icarus_lora", "icarus_full", "lora", "full")
@@ -96,12 +96,9 @@ def model_logits(cfg: ModelConfig, base: Params, adapter: Adapter | None, tokens
   """Training-time logits ``[B, T, V]`` for ``adapter``'s kind (ICaRus: frozen encoder)."""
   pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
   if adapter is not None and adapter.config.is_icarus:
-    _, kv = _single_stream(cfg, base, {"layers": {}}, tokens, pos, None, False)
-    kv = jax.lax.stop_gradient(kv)  # the encoder is frozen: no gradient flows into it
-    weights, lora = model_view(base, adapter)
-    return _decoder_stream(cfg, weights, lora, tokens, pos, kv)
+    return icarus_logits(cfg, base, adapter, tokens, pos)  # frozen encoder, trained decoder
   weights, lora = model_view(base, adapter)
-  logits, _ = _single_stream(cfg, weights, lora, tokens, pos, None, True)
+  logits, _ = single_stream(cfg, weights, lora, tokens, pos, None, True)
   return logits
 
 

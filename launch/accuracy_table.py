@@ -17,7 +17,8 @@ Each finished run is one JSONL record (``<out>/accuracy.jsonl``); ``accuracy.jso
 (per-(method, task, seed) records), ``accuracy.md`` (mean ± std over seeds with the pooled Wilson
 95% interval) and ``accuracy_loss.png`` (train and validation loss vs step, mean over seeds with a
 band) are computed from that file alone. Trained ``icarus_lora`` / ``lora`` adapters of the first
-seed are exported for the demo and the server (``--export_adapters``).
+seed can be exported for the demo and the server (``--export_adapters``). ``--base`` picks
+another base (the stronger ``small_base_long``, a GGUF, a named base).
 """
 
 from __future__ import annotations
@@ -39,15 +40,19 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the final runs (the first 
 flags.DEFINE_list("lora_lrs", ["1e-3", "3e-3", "1e-2"], "LR grid for LoRA methods.")
 flags.DEFINE_list("full_lrs", ["1e-4", "3e-4", "1e-3"], "LR grid for full fine-tuning methods.")
 flags.DEFINE_integer("steps", 400, "Steps per run (short tasks).")
-flags.DEFINE_integer("long_steps", 300, "Steps per run for kv_lookup (longer sequences).")
+flags.DEFINE_integer("long_steps", 300, "Steps per run for tasks with sequences longer than 32 "
+                     "tokens (kv_lookup, play).")
+flags.DEFINE_string("base", None, "Base model (HF dir, .gguf, or a named base); default: the "
+                    "embedded small base.")
 flags.DEFINE_integer("rank", 16, "LoRA rank (alpha = 2 x rank).")
 flags.DEFINE_integer("log_every", 20, "Loss-curve resolution (steps); validation loss too.")
 flags.DEFINE_integer("val_examples", 200, "Validation examples (selection and curves).")
 flags.DEFINE_integer("eval_examples", 500, "Held-out test examples per task.")
 flags.DEFINE_string("out", "docs/results", "Where the records and the table go.")
 flags.DEFINE_string("workdir", "runs/accuracy", "Run directories (checkpoints).")
-flags.DEFINE_string("export_adapters", "icarus_jax/assets/adapters", "Where the first seed's LoRA "
-                    "adapters are copied ('' to skip).")
+flags.DEFINE_string("export_adapters", "", "Where the first seed's LoRA adapters are copied "
+                    "(default '': not copied; the demo's adapters live in "
+                    "icarus_jax/assets/adapters and belong to the embedded base).")
 flags.DEFINE_string("tfds_dir", "~/tensorflow_datasets", "TFDS data_dir.")
 flags.DEFINE_string("tfds_config", "default", "Task builder config (default, or small for tests).")
 flags.DEFINE_bool("summarize_only", False, "Only rebuild the summary from the JSONL.")
@@ -98,7 +103,7 @@ def main(argv):
                                         "eval_examples")}
   config.update(command="python -m " + " ".join(["launch.accuracy_table"] + argv[1:]),
                 machine=f"{platform.machine()}, {os.cpu_count()} cores",
-                base="icarus_jax/assets/small_base")
+                base=FLAGS.base or "icarus_jax/assets/small_base")
   if FLAGS.summarize_only:
     print(json.dumps(write_summary(read_records(jsonl), out, config)["table"], indent=1))
     return
@@ -113,8 +118,8 @@ def main(argv):
   from icarus_jax.training import eval_loss
 
   tfds_dir = os.path.expanduser(FLAGS.tfds_dir)
-  cfg, base = load_any_base(None)
-  tok, chat = load_base_tokenizer(None)
+  cfg, base = load_any_base(FLAGS.base)
+  tok, chat = load_base_tokenizer(FLAGS.base)
   seeds = [int(s) for s in FLAGS.seeds]
 
   def key(r):
@@ -125,8 +130,8 @@ def main(argv):
   bar = tqdm(total=n_jobs, initial=len(done), desc="accuracy_table runs")
 
   for task in FLAGS.tasks:
-    steps = FLAGS.long_steps if task == "kv_lookup" else FLAGS.steps
     seq_len = TASK_SEQ_LEN.get(task, 256)
+    steps = FLAGS.long_steps if seq_len > 32 else FLAGS.steps
     val = examples_source(task, "validation", data_dir=tfds_dir,
                           tfds_config=FLAGS.tfds_config)
     v_prompts, v_answers = eval_prompts(val, tok, FLAGS.val_examples, chat)

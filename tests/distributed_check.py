@@ -28,7 +28,7 @@ def main():
   pid, port = int(sys.argv[1]), int(sys.argv[2])
   maybe_initialize_distributed(f"127.0.0.1:{port}", 2, pid)
   from icarus_jax import init_base_params, tiny_config
-  from icarus_jax.model import _single_stream
+  from icarus_jax.model import single_stream
   cfg = tiny_config(num_heads=4, num_kv_heads=4, head_dim=16, mlp_dim=128)
   base = init_base_params(cfg, jax.random.key(0), scale=0.1)  # same on both processes
   mesh = make_mesh("data:1,model:4")
@@ -38,7 +38,7 @@ def main():
   rep = NamedSharding(mesh, P())
   toks_g = jax.make_array_from_callback(toks.shape, rep, lambda idx: toks[idx])
   pos_g = jax.make_array_from_callback(pos.shape, rep, lambda idx: pos[idx])
-  fwd = jax.jit(lambda b, t, p: _single_stream(cfg, b, {"layers": {}}, t, p, None, True)[0],
+  fwd = jax.jit(lambda b, t, p: single_stream(cfg, b, {"layers": {}}, t, p, None, True)[0],
                 out_shardings=rep)
   logits = fwd(sb, toks_g, pos_g)
   local = np.asarray(logits.addressable_data(0))
