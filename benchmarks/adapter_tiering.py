@@ -31,9 +31,9 @@ import numpy as np
 from absl import app, flags
 
 from icarus_jax import init_adapter, init_base_params, tiny_config
-from icarus_jax.engine import Engine
-from icarus_jax.peft_io import load_adapter, save_adapter
-from icarus_jax.sampling import SamplingParams
+from icarus_jax.serving.engine import Engine
+from icarus_jax.checkpoints.peft_io import load_adapter, save_adapter
+from icarus_jax.serving.sampling import SamplingParams
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "docs/results/adapter_tiering.json", "JSON output")

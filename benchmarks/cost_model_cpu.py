@@ -49,7 +49,7 @@ def model():
 
 def time_steps(eng, shapes):
   """Median wall time of the engine's step for each (batch, new tokens, context) shape."""
-  from icarus_jax import step_batch
+  from icarus_jax.serving import step_batch
   out = []
   for B, T, ctx in shapes:
     pages = -(-(ctx + T) // eng.page_size)
@@ -70,7 +70,7 @@ def time_steps(eng, shapes):
 
 
 def fit(cfg, timed):
-  from icarus_jax.cost_model import Hardware, RooflineSimulator
+  from icarus_jax.serving.cost_model import Hardware, RooflineSimulator
   overhead = min(t["measured_s"] for t in timed) * 0.5
   best = None
   for bw in np.geomspace(2e9, 2e11, 41):
@@ -86,16 +86,16 @@ def fit(cfg, timed):
 
 
 def run_workload(eng, names, wfs):
-  from icarus_jax.bench import run_workflows
+  from icarus_jax.bench.harness import run_workflows
   return run_workflows(eng, wfs, names)
 
 
 def main(argv):
   del argv
   from icarus_jax import init_adapter
-  from icarus_jax.cost_model import RooflineSimulator
-  from icarus_jax.engine import Engine
-  from icarus_jax.workload import WorkloadConfig, generate_workflows
+  from icarus_jax.serving.cost_model import RooflineSimulator
+  from icarus_jax.serving.engine import Engine
+  from icarus_jax.bench.workload import WorkloadConfig, generate_workflows
   cfg, base = model()
   n_params = sum(x.size for x in jax.tree_util.tree_leaves(base))
   kw = dict(page_size=16, max_batch=8, prefill_chunk=128, max_seq_len=2048)

@@ -38,12 +38,12 @@ import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from icarus_jax.adapters import DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGETS, Adapter  # noqa: E402
-from icarus_jax.assets import load_any_base  # noqa: E402
-from icarus_jax.data import eval_prompts, examples_source, make_dataset  # noqa: E402
-from icarus_jax.generation import exact_match_accuracy  # noqa: E402
-from icarus_jax.tokenizer import ByteTokenizer  # noqa: E402
-from icarus_jax.training import TrainConfig, init_trainable, loss_fn, make_optimizer  # noqa: E402
+from icarus_jax.model.adapters import DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGETS, Adapter  # noqa: E402
+from icarus_jax.checkpoints.assets import load_any_base  # noqa: E402
+from icarus_jax.training.data import eval_prompts, examples_source, make_dataset  # noqa: E402
+from icarus_jax.model.generation import exact_match_accuracy  # noqa: E402
+from icarus_jax.model.tokenizer import ByteTokenizer  # noqa: E402
+from icarus_jax.training.objective import TrainConfig, init_trainable, loss_fn, make_optimizer  # noqa: E402
 
 #: name -> (targets, clipping, factor on the k/v updates, step multiplier)
 CONFIGS = {

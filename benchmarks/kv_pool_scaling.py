@@ -35,11 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from icarus_jax import engine_steps, init_base_params
-from icarus_jax.adapter_pool import AdapterPool
-from icarus_jax.adapters import DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGETS
-from icarus_jax.config import ModelConfig
-from icarus_jax.cost_model import HARDWARE, RooflineSimulator
+from icarus_jax import init_base_params
+
+from icarus_jax.serving import engine_steps
+from icarus_jax.serving.adapter_pool import AdapterPool
+from icarus_jax.model.adapters import DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGETS
+from icarus_jax.model.config import ModelConfig
+from icarus_jax.serving.cost_model import HARDWARE, RooflineSimulator
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "docs/results/kv_pool_scaling.json", "JSON output (PNG beside it)")

@@ -67,13 +67,13 @@ def measure(model: str) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from icarus_jax import engine_steps
-  from icarus_jax.adapter_pool import AdapterPool
-  from icarus_jax.adapters import DEFAULT_ICARUS_TARGETS, init_adapter
-  from icarus_jax.config import ModelConfig
-  from icarus_jax.model import forward
-  from icarus_jax.params import init_base_params
-  from icarus_jax.training import TrainConfig, init_trainable, make_optimizer, train_step
+  from icarus_jax.serving import engine_steps
+  from icarus_jax.serving.adapter_pool import AdapterPool
+  from icarus_jax.model.adapters import DEFAULT_ICARUS_TARGETS, init_adapter
+  from icarus_jax.model.config import ModelConfig
+  from icarus_jax.model.transformer import forward
+  from icarus_jax.model.params import init_base_params
+  from icarus_jax.training.objective import TrainConfig, init_trainable, make_optimizer, train_step
 
   cfg = ModelConfig.from_preset("small").replace(dtype="float32", vocab_size=272,
                                                  **(MEDIUM if model == "medium" else {}))

@@ -65,7 +65,7 @@ BASELINES = ("multi_lora", "instances_1gpu", "instances_eq", "instances_ngpu")
 
 
 def workflows(workload: str, n: int, rate: float, seed: int, num: int, max_context: int):
-  from icarus_jax.workload import (AgentWorkloadConfig, WorkloadConfig, coding_agent_config,
+  from icarus_jax.bench.workload import (AgentWorkloadConfig, WorkloadConfig, coding_agent_config,
                                    generate_agent_workflows, generate_workflows)
   if workload == "agentic":
     return generate_agent_workflows(AgentWorkloadConfig(num_workflows=num, num_models=n,
@@ -82,10 +82,10 @@ def workflows(workload: str, n: int, rate: float, seed: int, num: int, max_conte
 
 def build_system(system: str, cfg, hw, n: int):
   """Returns ``(engine-like, model names, gpus)`` or raises IcarusError if it does not fit."""
-  from icarus_jax.adapters import Adapter, AdapterConfig
-  from icarus_jax.cost_model import RooflineSimulator, kv_budget
-  from icarus_jax.engine import Engine
-  from icarus_jax.multi_instance import MultiInstance, instance_layout, min_gpus
+  from icarus_jax.model.adapters import Adapter, AdapterConfig
+  from icarus_jax.serving.cost_model import RooflineSimulator, kv_budget
+  from icarus_jax.serving.engine import Engine
+  from icarus_jax.bench.multi_instance import MultiInstance, instance_layout, min_gpus
   names = [f"model{i}" for i in range(n)]
   kw = dict(page_size=16, max_batch=64, prefill_chunk=2048, max_seq_len=32768)
   if system in ("icarus", "icarus_unaware", "icarus_mixed", "multi_lora"):
@@ -108,9 +108,9 @@ def build_system(system: str, cfg, hw, n: int):
 def run_points(log=print) -> None:
   from tqdm.auto import tqdm
 
-  from icarus_jax.bench import run_workflows
-  from icarus_jax.config import ModelConfig
-  from icarus_jax.cost_model import HARDWARE
+  from icarus_jax.bench.harness import run_workflows
+  from icarus_jax.model.config import ModelConfig
+  from icarus_jax.serving.cost_model import HARDWARE
   from icarus_jax.errors import IcarusError
   cfg = ModelConfig.from_preset(FLAGS.model)
   path = Path(FLAGS.points)

@@ -11,17 +11,17 @@ Public API (stable names; see README):
     load_adapter(path) / save_adapter(adapter, path)         (PEFT layout)
 """
 
-from icarus_jax.adapters import (Adapter, AdapterConfig, check_adapter, init_adapter,
+from icarus_jax.model.adapters import (Adapter, AdapterConfig, check_adapter, init_adapter,
                                  merge_adapter)
-from icarus_jax.config import ModelConfig, RopeScaling, list_presets, tiny_config
+from icarus_jax.model.config import ModelConfig, RopeScaling, list_presets, tiny_config
 from icarus_jax.errors import (AdapterGateError, CheckpointError, ConfigError,
                                FingerprintMismatchError, IcarusError)
-from icarus_jax.gguf_checkpoint import load_gguf
-from icarus_jax.hf_checkpoint import load_hf, save_hf
-from icarus_jax.model import decode, encode, forward, init_cache
-from icarus_jax.orbax_io import load_adapter_orbax, load_base, save_adapter_orbax, save_base
-from icarus_jax.params import base_fingerprint, init_base_params
-from icarus_jax.peft_io import load_adapter, save_adapter
+from icarus_jax.checkpoints.gguf_io import load_gguf
+from icarus_jax.checkpoints.hf import load_hf, save_hf
+from icarus_jax.model.transformer import decode, encode, forward, init_cache
+from icarus_jax.checkpoints.orbax_io import load_adapter_orbax, load_base, save_adapter_orbax, save_base
+from icarus_jax.model.params import base_fingerprint, init_base_params
+from icarus_jax.checkpoints.peft_io import load_adapter, save_adapter
 
 __version__ = "0.1.0"
 

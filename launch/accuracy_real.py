@@ -32,7 +32,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", "smollm2", "Base model spec (a named model, .gguf, HF dir).")
-flags.DEFINE_list("tasks", ["city_year", "topic"], "Tasks (icarus_jax.tasks.CHAT_TASKS).")
+flags.DEFINE_list("tasks", ["city_year", "topic"], "Tasks (icarus_jax.training.tasks.CHAT_TASKS).")
 flags.DEFINE_list("methods", ["icarus_lora", "lora_matched", "lora"], "Methods.")
 flags.DEFINE_list("seeds", ["0"], "Seeds (init and data order).")
 flags.DEFINE_integer("steps", 60, "Optimizer steps per run.")
@@ -57,7 +57,7 @@ LABELS = {"base": "base (no fine-tuning)", "icarus_lora": "ICaRus-LoRA",
 
 def summarize(records: list[dict], out: Path, config: dict) -> dict:
   """``accuracy_real.json`` / ``_table.md`` / ``_loss.png`` from the per-run records."""
-  from icarus_jax.accuracy_report import markdown_table, plot_curves, summarize as table_of
+  from icarus_jax.training.accuracy_report import markdown_table, plot_curves, summarize as table_of
   methods = list(LABELS)
   table = table_of(records, methods)
   summary = {"config": config, "table": table, "records": records}
@@ -73,7 +73,7 @@ def main(argv):
   out = Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
   jsonl = out / "accuracy_real.jsonl"
-  from icarus_jax.accuracy_report import append_record, means, read_records
+  from icarus_jax.training.accuracy_report import append_record, means, read_records
   config = {k: FLAGS[k].value for k in ("base", "tasks", "methods", "seeds", "steps", "batch_size",
                                         "seq_len", "rank", "alpha", "lr", "warmup",
                                         "eval_examples")}
@@ -87,10 +87,10 @@ def main(argv):
     return
   from tqdm.auto import tqdm
 
-  from icarus_jax.assets import load_any_base, load_base_tokenizer
-  from icarus_jax.data import eval_prompts, examples_source
-  from icarus_jax.finetune import method_config, train_one
-  from icarus_jax.generation import exact_match_accuracy
+  from icarus_jax.checkpoints.assets import load_any_base, load_base_tokenizer
+  from icarus_jax.training.data import eval_prompts, examples_source
+  from icarus_jax.training.finetune import method_config, train_one
+  from icarus_jax.model.generation import exact_match_accuracy
 
   tfds_dir = os.path.expanduser(FLAGS.tfds_dir)
   cfg, base = load_any_base(FLAGS.base)

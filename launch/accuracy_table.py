@@ -3,7 +3,7 @@
     python -m launch.accuracy_table                 # resumable: rerun after an interruption
     python -m launch.accuracy_table --summarize_only
 
-Methods (``icarus_jax.finetune.METHODS``): ``icarus_lora``, ``icarus_full``, ``lora_matched``
+Methods (``icarus_jax.training.finetune.METHODS``): ``icarus_lora``, ``icarus_full``, ``lora_matched``
 (conventional single-stream LoRA on exactly ICaRus's targets), ``lora`` (default targets, k/v
 included), ``full``; same data order, step budget and rank for all. Per (task, method):
 
@@ -35,7 +35,7 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_list("tasks", ["addition", "sorting", "reversal", "kv_lookup"], "Tasks.")
 flags.DEFINE_list("methods", ["icarus_lora", "lora_matched", "lora", "icarus_full", "full"],
-                  "Methods (icarus_jax.finetune.METHODS).")
+                  "Methods (icarus_jax.training.finetune.METHODS).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the final runs (the first one also sweeps).")
 flags.DEFINE_list("lora_lrs", ["1e-3", "3e-3", "1e-2"], "LR grid for LoRA methods.")
 flags.DEFINE_list("full_lrs", ["1e-4", "3e-4", "1e-3"], "LR grid for full fine-tuning methods.")
@@ -75,7 +75,7 @@ def select_lr(sweep: list[dict]) -> float:
 
 def write_summary(records: list[dict], out: Path, config: dict) -> dict:
   """``accuracy.json`` / ``accuracy.md`` / ``accuracy_loss.png`` from the records alone."""
-  from icarus_jax.accuracy_report import markdown_table, plot_curves, summarize
+  from icarus_jax.training.accuracy_report import markdown_table, plot_curves, summarize
   final = [r for r in records if r["phase"] == "final"]
   methods = list(LABELS)
   table = summarize(final, methods)
@@ -94,7 +94,7 @@ def write_summary(records: list[dict], out: Path, config: dict) -> dict:
 
 
 def main(argv):
-  from icarus_jax.accuracy_report import append_record, means, read_records
+  from icarus_jax.training.accuracy_report import append_record, means, read_records
   out = Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
   jsonl = out / "accuracy.jsonl"
@@ -111,11 +111,11 @@ def main(argv):
   import jax
   from tqdm.auto import tqdm
 
-  from icarus_jax.assets import load_any_base, load_base_tokenizer
-  from icarus_jax.data import eval_prompts, examples_source, make_dataset
-  from icarus_jax.finetune import TASK_SEQ_LEN, method_config, train_one
-  from icarus_jax.generation import exact_match_accuracy
-  from icarus_jax.training import eval_loss
+  from icarus_jax.checkpoints.assets import load_any_base, load_base_tokenizer
+  from icarus_jax.training.data import eval_prompts, examples_source, make_dataset
+  from icarus_jax.training.finetune import TASK_SEQ_LEN, method_config, train_one
+  from icarus_jax.model.generation import exact_match_accuracy
+  from icarus_jax.training.objective import eval_loss
 
   tfds_dir = os.path.expanduser(FLAGS.tfds_dir)
   cfg, base = load_any_base(FLAGS.base)

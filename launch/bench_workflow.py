@@ -53,7 +53,7 @@ flags.DEFINE_string("out", "docs/results/workflow.json", "JSON output (PNG and .
 
 
 def workload(n_models, rate, *, num_workflows, sizes, seed):
-  from icarus_jax.workload import WorkloadConfig
+  from icarus_jax.bench.workload import WorkloadConfig
   return WorkloadConfig(num_workflows=num_workflows, num_models=n_models, request_rate=rate,
                         burstiness=FLAGS.burstiness, assignment=FLAGS.assignment, seed=seed, **sizes)
 
@@ -68,10 +68,10 @@ def run_real(models, rates, modes, *, num_workflows, progress=True, log=print):
   """Measured sweep on this machine. Returns a list of result dicts."""
   import jax
 
-  from icarus_jax.assets import load_any_base
-  from icarus_jax.bench import load_serving_adapters, run_workflows
-  from icarus_jax.engine import Engine
-  from icarus_jax.workload import generate_workflows
+  from icarus_jax.checkpoints.assets import load_any_base
+  from icarus_jax.bench.harness import load_serving_adapters, run_workflows
+  from icarus_jax.serving.engine import Engine
+  from icarus_jax.bench.workload import generate_workflows
 
   cfg, base = load_any_base(None)
   sizes = real_sizes()
@@ -113,12 +113,12 @@ def run_real(models, rates, modes, *, num_workflows, progress=True, log=print):
 
 def run_projection(models, rates, *, num_workflows, log=print):
   """Roofline projection at paper scale (virtual clock)."""
-  from icarus_jax.adapters import Adapter, AdapterConfig
-  from icarus_jax.bench import run_workflows
-  from icarus_jax.config import ModelConfig
-  from icarus_jax.cost_model import HARDWARE, RooflineSimulator, kv_budget
-  from icarus_jax.engine import Engine
-  from icarus_jax.workload import generate_workflows
+  from icarus_jax.model.adapters import Adapter, AdapterConfig
+  from icarus_jax.bench.harness import run_workflows
+  from icarus_jax.model.config import ModelConfig
+  from icarus_jax.serving.cost_model import HARDWARE, RooflineSimulator, kv_budget
+  from icarus_jax.serving.engine import Engine
+  from icarus_jax.bench.workload import generate_workflows
 
   cfg = ModelConfig.from_preset(FLAGS.proj_model)
   hw = HARDWARE[FLAGS.proj_hw]
@@ -170,7 +170,7 @@ def ratio_table(results: list[dict], label: str) -> str:
 
 def main(argv):
   del argv
-  from icarus_jax.bench import plot_sweep
+  from icarus_jax.bench.harness import plot_sweep
   t0 = time.time()
   out_path = Path(FLAGS.out)
   out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,7 @@ def identical_cache_check(cfg, base, adapters, context):
   import numpy as np
 
   import icarus_jax as ij
-  from icarus_jax.engine import Engine
+  from icarus_jax.serving.engine import Engine
   n = len(context)
   eng = Engine(cfg, base, mode="icarus", num_pages=max(8, -(-n // 16) + 2), page_size=16,
                max_adapters=len(adapters), max_seq_len=max(1024, n + 16))
@@ -92,13 +92,13 @@ def main(argv):
   import jax
   jax.config.update("jax_default_matmul_precision", "highest")
 
-  from icarus_jax.assets import default_adapters_dir, load_any_base, load_base_tokenizer
-  from icarus_jax.bench import load_serving_adapters, run_workflows
-  from icarus_jax.data import prompt_ids
-  from icarus_jax.engine import Engine
-  from icarus_jax.reference import reference_generate
-  from icarus_jax.sampling import SamplingParams
-  from icarus_jax.workload import WorkloadConfig, generate_workflows
+  from icarus_jax.checkpoints.assets import default_adapters_dir, load_any_base, load_base_tokenizer
+  from icarus_jax.bench.harness import load_serving_adapters, run_workflows
+  from icarus_jax.training.data import prompt_ids
+  from icarus_jax.serving.engine import Engine
+  from icarus_jax.serving.reference import reference_generate
+  from icarus_jax.serving.sampling import SamplingParams
+  from icarus_jax.bench.workload import WorkloadConfig, generate_workflows
 
   t0 = time.time()
   out = Path(FLAGS.out)

@@ -32,12 +32,12 @@ flags.DEFINE_bool("assert_base", False, "For an adapter that records no base fin
 
 def main(argv):
   del argv
-  from icarus_jax.adapters import check_adapter
-  from icarus_jax.assets import load_any_base, load_base_tokenizer
-  from icarus_jax.data import eval_prompts, examples_source
-  from icarus_jax.generation import exact_match_accuracy
-  from icarus_jax.params import base_fingerprint
-  from icarus_jax.peft_io import load_adapter
+  from icarus_jax.model.adapters import check_adapter
+  from icarus_jax.checkpoints.assets import load_any_base, load_base_tokenizer
+  from icarus_jax.training.data import eval_prompts, examples_source
+  from icarus_jax.model.generation import exact_match_accuracy
+  from icarus_jax.model.params import base_fingerprint
+  from icarus_jax.checkpoints.peft_io import load_adapter
 
   t0 = time.time()
   cfg, base = load_any_base(FLAGS.base)

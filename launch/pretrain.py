@@ -25,7 +25,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from icarus_jax.corpus import DEFAULT_CACHE, shakespeare_text
+from icarus_jax.training.corpus import DEFAULT_CACHE, shakespeare_text
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "icarus_jax/assets/small_base", "Output directory (HF layout).")
@@ -76,12 +76,12 @@ def main(argv):
   import optax
   from tqdm.auto import tqdm
 
-  from icarus_jax.config import ModelConfig
-  from icarus_jax.hf_checkpoint import save_hf
-  from icarus_jax.params import base_fingerprint, init_base_params
-  from icarus_jax.tokenizer import ByteTokenizer
-  from icarus_jax.trainer import plot_losses
-  from icarus_jax.training import pretrain_step
+  from icarus_jax.model.config import ModelConfig
+  from icarus_jax.checkpoints.hf import save_hf
+  from icarus_jax.model.params import base_fingerprint, init_base_params
+  from icarus_jax.model.tokenizer import ByteTokenizer
+  from icarus_jax.training.trainer import plot_losses
+  from icarus_jax.training.objective import pretrain_step
 
   t0 = time.time()
   cfg = ModelConfig.from_preset(FLAGS.preset)
@@ -104,7 +104,7 @@ def main(argv):
 
   import orbax.checkpoint as ocp
 
-  from icarus_jax.trainer import checkpoint_manager
+  from icarus_jax.training.trainer import checkpoint_manager
   params = init_base_params(cfg, jax.random.key(FLAGS.seed))
   sched = optax.warmup_cosine_decay_schedule(0.0, FLAGS.lr, min(100, FLAGS.steps - 1),
                                              FLAGS.steps, end_value=FLAGS.lr * 0.05)

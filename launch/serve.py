@@ -18,7 +18,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from icarus_jax.engine_config import EngineConfig
+from icarus_jax.serving.engine_config import EngineConfig
 from icarus_jax.flag_utils import dataclass_from_flags, define_dataclass_flags
 
 FLAGS = flags.FLAGS
@@ -64,12 +64,12 @@ def adapter_dirs(paths) -> list[Path]:
 
 def build(argv_flags=FLAGS):
   """(AsyncEngine, app) from flags; exposed for tests."""
-  from icarus_jax.assets import default_adapters_dir, load_any_base, load_base_tokenizer
-  from icarus_jax.async_engine import AsyncEngine
-  from icarus_jax.engine import Engine
+  from icarus_jax.checkpoints.assets import default_adapters_dir, load_any_base, load_base_tokenizer
+  from icarus_jax.serving.async_engine import AsyncEngine
+  from icarus_jax.serving.engine import Engine
   from icarus_jax.errors import IcarusError
-  from icarus_jax.peft_io import load_adapter
-  from icarus_jax.server import create_app
+  from icarus_jax.checkpoints.peft_io import load_adapter
+  from icarus_jax.serving.server import create_app
 
   f = argv_flags
   cfg, base = load_any_base(f.base, dtype=f.dtype)
@@ -98,7 +98,7 @@ def build(argv_flags=FLAGS):
     except IcarusError as e:
       logging.warning("skipping adapter %s: %s", d, e)
   if f.mesh:
-    from icarus_jax.sharding import make_mesh, shard_engine
+    from icarus_jax.model.sharding import make_mesh, shard_engine
     shard_engine(engine, make_mesh(f.mesh))
   aengine = AsyncEngine(engine).start()
   api_key = f.api_key or os.environ.get("ICARUS_API_KEY") or None

@@ -19,7 +19,7 @@ from pathlib import Path
 from absl import app, flags
 
 from icarus_jax.flag_utils import define_dataclass_flags
-from icarus_jax.training import TrainConfig
+from icarus_jax.training.objective import TrainConfig
 
 #: flag / config-file names used before the flags were generated from TrainConfig
 OLD_NAMES = {"lr": "learning_rate", "steps": "total_steps", "warmup": "warmup_steps"}
@@ -49,7 +49,7 @@ flags.DEFINE_integer("process_id", None, "This process's index in the jax.distri
 
 def main(argv):
   del argv
-  from icarus_jax.sharding import maybe_initialize_distributed
+  from icarus_jax.model.sharding import maybe_initialize_distributed
   maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   kw = {}
   if FLAGS.config:  # a JSON file of TrainConfig fields (old short names accepted) and run flags
@@ -67,7 +67,7 @@ def main(argv):
   tc = TrainConfig(**{f: kw[f] for f in fields if f not in ("seq_len", "targets")},
                    targets=tuple(targets) if targets else None, seq_len=seq_len or 1)  # checks
   workdir = FLAGS.workdir or f"runs/{Path(kw['task']).stem}_{tc.mode}_s{tc.seed}"
-  from icarus_jax.finetune import train_one
+  from icarus_jax.training.finetune import train_one
   _, _, out = train_one(
       base_path=FLAGS.base, workdir=workdir, mesh=FLAGS.mesh,
       tfds_dir=os.path.expanduser(FLAGS.tfds_dir), task=kw["task"], mode=tc.mode, rank=tc.rank,

@@ -21,14 +21,14 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from icarus_jax.sharding import make_mesh, maybe_initialize_distributed, shard_base  # noqa: E402
+from icarus_jax.model.sharding import make_mesh, maybe_initialize_distributed, shard_base  # noqa: E402
 
 
 def main():
   pid, port = int(sys.argv[1]), int(sys.argv[2])
   maybe_initialize_distributed(f"127.0.0.1:{port}", 2, pid)
   from icarus_jax import init_base_params, tiny_config
-  from icarus_jax.model import single_stream
+  from icarus_jax.model.transformer import single_stream
   cfg = tiny_config(num_heads=4, num_kv_heads=4, head_dim=16, mlp_dim=128)
   base = init_base_params(cfg, jax.random.key(0), scale=0.1)  # same on both processes
   mesh = make_mesh("data:1,model:4")

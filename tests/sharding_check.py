@@ -15,11 +15,12 @@ import numpy as np  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 from icarus_jax import IcarusError, init_adapter, init_base_params, tiny_config  # noqa: E402
-from icarus_jax import engine_steps, step_batch  # noqa: E402
-from icarus_jax.engine import Engine  # noqa: E402
-from icarus_jax.sampling import SamplingParams  # noqa: E402
-from icarus_jax.sharding import make_mesh, shard_base, shard_engine  # noqa: E402
-from icarus_jax.training import TrainConfig, init_trainable, make_optimizer, train_step  # noqa: E402
+from icarus_jax.serving import step_batch  # noqa: E402
+from icarus_jax.serving import engine_steps
+from icarus_jax.serving.engine import Engine  # noqa: E402
+from icarus_jax.serving.sampling import SamplingParams  # noqa: E402
+from icarus_jax.model.sharding import make_mesh, shard_base, shard_engine  # noqa: E402
+from icarus_jax.training.objective import TrainConfig, init_trainable, make_optimizer, train_step  # noqa: E402
 
 
 def pool_growth(cfg, e, mesh, attn=None):
@@ -27,7 +28,7 @@ def pool_growth(cfg, e, mesh, attn=None):
   device and pool-shaped copies / all-gathers in the compiled HLO (in place: none)."""
   import re
   from jax.sharding import NamedSharding
-  from icarus_jax.sharding import PAGES_AXES, _spec, load_rules
+  from icarus_jax.model.sharding import PAGES_AXES, _spec, load_rules
   i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
   temps, bad = [], 0
   for P in (256, 16384):

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Runs the table with the test split poisoned: any read of a test example raises.
 DRIVER = """
 import sys
-import icarus_jax.data as data
+import icarus_jax.training.data as data
 orig = data.examples_source
 class Poisoned:
     def __init__(self, src): self.src = src
@@ -80,7 +80,7 @@ def test_selection_never_reads_test_and_runs_resume(tmp_path):
 
 
 def test_wilson_interval_against_known_values():
-  from icarus_jax.accuracy_report import wilson
+  from icarus_jax.training.accuracy_report import wilson
   lo, hi = wilson(50, 100)
   assert abs(lo - 0.4038) < 1e-3 and abs(hi - 0.5962) < 1e-3
   lo, hi = wilson(0, 20)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from icarus_jax import IcarusError, init_adapter
-from icarus_jax.engine import Engine
-from icarus_jax.reference import reference_generate
-from icarus_jax.sampling import SamplingParams
+from icarus_jax.serving.engine import Engine
+from icarus_jax.serving.reference import reference_generate
+from icarus_jax.serving.sampling import SamplingParams
 
 PS = 8
 N_ADAPTERS = 256

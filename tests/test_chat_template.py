@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from icarus_jax.chat_template import ChatTemplate, validate_messages
+from icarus_jax.model.chat_template import ChatTemplate, validate_messages
 from icarus_jax.errors import IcarusError
-from icarus_jax.tokenizer import ByteTokenizer
+from icarus_jax.model.tokenizer import ByteTokenizer
 
 JINJA = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}\n{% endfor %}"
          "{% if add_generation_prompt %}[assistant]{% endif %}")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from icarus_jax import ConfigError, ModelConfig, list_presets
-from icarus_jax.config import RopeScaling
+from icarus_jax.model.config import RopeScaling
 
 
 def test_presets_load_and_have_sane_shapes():

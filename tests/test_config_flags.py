@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from absl import flags
 
-from icarus_jax.engine_config import EngineConfig
+from icarus_jax.serving.engine_config import EngineConfig
 from icarus_jax.errors import IcarusError
 from icarus_jax.flag_utils import dataclass_from_flags, define_dataclass_flags
-from icarus_jax.training import TrainConfig
+from icarus_jax.training.objective import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,7 @@ def test_launch_scripts_declare_each_field_once():
   serve = _run(
       "import json, dataclasses, launch.serve\n"
       "from absl import flags\n"
-      "from icarus_jax.engine_config import EngineConfig\n"
+      "from icarus_jax.serving.engine_config import EngineConfig\n"
       "from icarus_jax.flag_utils import dataclass_from_flags\n"
       "F = flags.FLAGS; F(['serve', '--kv_pages=64', '--max_batch=2'])\n"
       "print(json.dumps(dataclasses.asdict(dataclass_from_flags(EngineConfig))))")
@@ -68,7 +68,7 @@ def test_launch_scripts_declare_each_field_once():
   train = _run(
       "import json, dataclasses, launch.train\n"
       "from absl import flags\n"
-      "from icarus_jax.training import TrainConfig\n"
+      "from icarus_jax.training.objective import TrainConfig\n"
       "F = flags.FLAGS; F(['train', '--lr=0.01', '--steps=5', '--warmup=2'])\n"
       "print(json.dumps({f.name: F[f.name].value for f in dataclasses.fields(TrainConfig)}))")
   assert set(train) == {f.name for f in dataclasses.fields(TrainConfig)}

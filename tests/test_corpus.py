@@ -10,7 +10,9 @@ import collections
 
 import pytest
 
-from icarus_jax import corpus, tasks
+from icarus_jax.training import corpus
+
+from icarus_jax.training import tasks
 from icarus_jax.errors import IcarusError
 
 PLAY = """HAMLET

@@ -1,9 +1,9 @@
 """The embedded default base and the shipped adapters behave as the demo claims."""
 
 from icarus_jax import check_adapter
-from icarus_jax.assets import load_any_base
-from icarus_jax.bench import load_serving_adapters
-from icarus_jax.tokenizer import ByteTokenizer
+from icarus_jax.checkpoints.assets import load_any_base
+from icarus_jax.bench.harness import load_serving_adapters
+from icarus_jax.model.tokenizer import ByteTokenizer
 from launch.demo import identical_cache_check
 
 
@@ -26,8 +26,8 @@ def test_smollm2_shipped_adapters_share_one_cache():
   them (or the base) it serves, while their predictions differ."""
   import pytest
 
-  from icarus_jax.assets import default_adapters_dir, load_base_tokenizer
-  from icarus_jax.data import prompt_ids
+  from icarus_jax.checkpoints.assets import default_adapters_dir, load_base_tokenizer
+  from icarus_jax.training.data import prompt_ids
   from icarus_jax.errors import CheckpointError
   from launch.demo import SHARED_CHAT
   try:

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from icarus_jax import FingerprintMismatchError, IcarusError, init_adapter, init_base_params
-from icarus_jax import engine_steps
-from icarus_jax.engine import Engine
+from icarus_jax.serving import engine_steps
+from icarus_jax.serving.engine import Engine
 from icarus_jax.errors import RequestTooLargeError, UnknownAdapterError
-from icarus_jax.reference import reference_generate
-from icarus_jax.sampling import SamplingParams
+from icarus_jax.serving.reference import reference_generate
+from icarus_jax.serving.sampling import SamplingParams
 
 PS = 8          # page size
 NUM_PAGES = 64
@@ -253,11 +253,11 @@ def test_adapter_removal_drains(setup):
 def test_invariants_hold_under_a_simulated_heavy_load():
   """Thousands of scheduler steps (roofline simulator, no arrays): after every step the page
   bookkeeping is consistent, including copy-on-write, eviction and preemption paths."""
-  from icarus_jax.adapters import Adapter, AdapterConfig
-  from icarus_jax.bench import run_workflows
-  from icarus_jax.config import ModelConfig
-  from icarus_jax.cost_model import HARDWARE, RooflineSimulator
-  from icarus_jax.workload import WorkloadConfig, generate_workflows
+  from icarus_jax.model.adapters import Adapter, AdapterConfig
+  from icarus_jax.bench.harness import run_workflows
+  from icarus_jax.model.config import ModelConfig
+  from icarus_jax.serving.cost_model import HARDWARE, RooflineSimulator
+  from icarus_jax.bench.workload import WorkloadConfig, generate_workflows
   cfg = ModelConfig.from_preset("llama-3.1-8b")
   for mode in ("icarus", "isolated"):
     eng = Engine(cfg, None, mode=mode, num_pages=300, page_size=16, max_batch=16,
@@ -345,7 +345,7 @@ def test_abort_frees_pages(setup):
 
 
 def test_text_prompts_with_a_tokenizer(setup):
-  from icarus_jax.tokenizer import ByteTokenizer
+  from icarus_jax.model.tokenizer import ByteTokenizer
   tok = ByteTokenizer()
   eng = make_engine(setup, "icarus", tokenizer=tok)
   out = eng.generate(["sort qdax:"], ["agent0"], SamplingParams(max_tokens=3))[0]

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from icarus_jax import init_adapter, load_hf
-from icarus_jax.engine import Engine
-from icarus_jax.reference import reference_generate
-from icarus_jax.sampling import SamplingParams
+from icarus_jax.serving.engine import Engine
+from icarus_jax.serving.reference import reference_generate
+from icarus_jax.serving.sampling import SamplingParams
 
 from conftest import HF_FIXTURES
 

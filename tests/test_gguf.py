@@ -22,11 +22,11 @@ import pytest
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
 
 import icarus_jax as ij  # noqa: E402
-from icarus_jax.config import ModelConfig  # noqa: E402
+from icarus_jax.model.config import ModelConfig  # noqa: E402
 from icarus_jax.errors import CheckpointError, ConfigError  # noqa: E402
-from icarus_jax.gguf_checkpoint import (gguf_chat_template, gguf_tokenizer, load_gguf,  # noqa: E402
+from icarus_jax.checkpoints.gguf_io import (gguf_chat_template, gguf_tokenizer, load_gguf,  # noqa: E402
                                         resolve_named_base, supported_tensor_types)
-from icarus_jax.params import init_base_params  # noqa: E402
+from icarus_jax.model.params import init_base_params  # noqa: E402
 
 from conftest import free_port, healthy, wait_for  # noqa: E402
 
@@ -285,7 +285,7 @@ def smollm2():
   path = _smollm2_path()
   cfg, params = load_gguf(path)
   tok = gguf_tokenizer(path)
-  from icarus_jax.chat_template import ChatTemplate
+  from icarus_jax.model.chat_template import ChatTemplate
   return cfg, params, tok, ChatTemplate(tok, gguf_chat_template(path))
 
 
@@ -333,7 +333,7 @@ def test_smollm2_tokenizer_matches_transformers(smollm2, reference):
 def test_smollm2_streaming_detokenization(smollm2, reference):
   """Token-by-token detokenization with the real BPE (multi-byte characters split over tokens,
   leading spaces) emits exactly the full decode."""
-  from icarus_jax.stop_strings import StopStringMatcher
+  from icarus_jax.serving.stop_strings import StopStringMatcher
   tok = smollm2[2]
   for s in reference[1]["strings"]:
     if "<|" in s["text"]:
@@ -355,8 +355,8 @@ def test_smollm2_engine_greedy_chat_matches_transformers(smollm2, reference):
   <|im_end|>) give transformers' greedy generations token for token."""
   cfg, params, tok, chat = smollm2
   gens = reference[1]["generations"]
-  from icarus_jax.engine import Engine
-  from icarus_jax.sampling import SamplingParams
+  from icarus_jax.serving.engine import Engine
+  from icarus_jax.serving.sampling import SamplingParams
   eng = Engine(cfg, params, mode="icarus", num_pages=64, page_size=16, max_batch=4,
                   tokenizer=tok, max_seq_len=256)
   prompts = []

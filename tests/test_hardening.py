@@ -18,10 +18,10 @@ import pytest
 
 from icarus_jax import (ConfigError, FingerprintMismatchError, IcarusError, init_adapter,
                         init_base_params, load_adapter, load_hf, tiny_config)
-from icarus_jax import adapters as adapters_mod
-from icarus_jax.engine import Engine
-from icarus_jax.reference import reference_generate
-from icarus_jax.sampling import SamplingParams
+from icarus_jax.model import adapters as adapters_mod
+from icarus_jax.serving.engine import Engine
+from icarus_jax.serving.reference import reference_generate
+from icarus_jax.serving.sampling import SamplingParams
 
 from conftest import HF_FIXTURES
 
@@ -227,7 +227,7 @@ def test_peft_adapter_targeting_lm_head_with_saved_base_copy_loads(llama, tmp_pa
                                                                np.float32)
   save_file(t, str(d / "adapter_model.safetensors"))
   eng = Engine(cfg, params, mode="icarus", num_pages=32, page_size=PS, prefill_chunk=16)
-  with caplog.at_level(logging.WARNING, logger="icarus_jax.peft_io"):
+  with caplog.at_level(logging.WARNING, logger="icarus_jax.checkpoints.peft_io"):
     ad = load_adapter(d, name="head", base_fingerprint=eng.fingerprint)
   assert "base_layer" in caplog.text
   assert set(ad.config.targets) == {"q", "lm_head"}
@@ -254,7 +254,7 @@ def test_adapter_pool_slot_reuse_with_another_rank_and_subset(tiny, tiny_adapter
 # ------------------------------------------------------------------- 7. float32 LoRA masters
 
 def test_lora_masters_and_optimizer_state_are_float32_on_a_bf16_base():
-  from icarus_jax.training import TrainConfig, init_trainable, make_optimizer, train_step
+  from icarus_jax.training.objective import TrainConfig, init_trainable, make_optimizer, train_step
   cfg = tiny_config(dtype="bfloat16")
   base = init_base_params(cfg, jax.random.key(0), scale=0.1)
   tc = TrainConfig(mode="icarus_lora", learning_rate=1e-4, warmup_steps=0, total_steps=10)
@@ -284,7 +284,7 @@ def test_lora_masters_and_optimizer_state_are_float32_on_a_bf16_base():
 
 def test_fingerprint_cache_holds_no_base_and_add_adapter_does_not_rehash(tiny, tiny_adapters,
                                                                          monkeypatch):
-  from icarus_jax.params import base_fingerprint
+  from icarus_jax.model.params import base_fingerprint
   cfg = tiny_config()
   params = init_base_params(cfg, jax.random.key(3), scale=0.1)
   fp = base_fingerprint(cfg, params)
@@ -304,7 +304,7 @@ def test_fingerprint_cache_holds_no_base_and_add_adapter_does_not_rehash(tiny, t
 # ------------------------------------------------------------------- 9. Qwen3 sliding window
 
 def test_qwen3_sliding_window_is_refused(tmp_path):
-  from icarus_jax.config import ModelConfig
+  from icarus_jax.model.config import ModelConfig
   hf = json.loads((HF_FIXTURES / "qwen3" / "config.json").read_text())
   hf.update(use_sliding_window=True, sliding_window=64, max_window_layers=1)
   (tmp_path / "config.json").write_text(json.dumps(hf))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from icarus_jax import forward, load_hf, save_hf
-from icarus_jax.params import flatten_names
+from icarus_jax.model.params import flatten_names
 
 from conftest import HF_FIXTURES
 

@@ -7,7 +7,7 @@ import pytest
 
 from icarus_jax import (IcarusError, decode, encode, forward, init_adapter, init_cache,
                         merge_adapter)
-from icarus_jax.model import forward_with_cache
+from icarus_jax.model.transformer import forward_with_cache
 
 
 def _greedy(cfg, params, adapter, prompt, steps):

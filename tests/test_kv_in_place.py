@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icarus_jax import engine_steps
-from icarus_jax.adapter_pool import AdapterPool, _write_slot
-from icarus_jax.adapters import DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGETS
+from icarus_jax.serving import engine_steps
+from icarus_jax.serving.adapter_pool import AdapterPool, _write_slot
+from icarus_jax.model.adapters import DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGETS
 
 PS = 8
 SMALL, LARGE = 256, 16_384

@@ -11,12 +11,12 @@ import dataclasses
 import pytest
 
 from icarus_jax import IcarusError
-from icarus_jax.bench import run_workflows
-from icarus_jax.config import ModelConfig
-from icarus_jax.cost_model import HARDWARE, kv_budget
-from icarus_jax.multi_instance import MultiInstance, instance_layout, min_gpus
-from icarus_jax.sampling import SamplingParams
-from icarus_jax.workload import WorkloadConfig, generate_workflows
+from icarus_jax.bench.harness import run_workflows
+from icarus_jax.model.config import ModelConfig
+from icarus_jax.serving.cost_model import HARDWARE, kv_budget
+from icarus_jax.bench.multi_instance import MultiInstance, instance_layout, min_gpus
+from icarus_jax.serving.sampling import SamplingParams
+from icarus_jax.bench.workload import WorkloadConfig, generate_workflows
 
 LLAMA = ModelConfig.from_preset("llama-3.1-8b")
 H100 = HARDWARE["h100"]

@@ -19,13 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from icarus_jax import engine_steps
-from icarus_jax.adapter_pool import BASE_SLOT, AdapterPool
-from icarus_jax.adapters import DEFAULT_ICARUS_TARGETS, init_adapter
-from icarus_jax.config import tiny_config
-from icarus_jax.model import decode, encode
-from icarus_jax.params import init_base_params
-from icarus_jax.training import model_logits
+from icarus_jax.serving import engine_steps
+from icarus_jax.serving.adapter_pool import BASE_SLOT, AdapterPool
+from icarus_jax.model.adapters import DEFAULT_ICARUS_TARGETS, init_adapter
+from icarus_jax.model.config import tiny_config
+from icarus_jax.model.transformer import decode, encode
+from icarus_jax.model.params import init_base_params
+from icarus_jax.training.objective import model_logits
 
 PS = 4
 
@@ -95,7 +95,7 @@ def test_per_row_lora_gather_is_a_vmap_over_rows():
   import collections
   import re
 
-  from icarus_jax.model import lora_delta
+  from icarus_jax.model.transformer import lora_delta
   rng = np.random.RandomState(0)
   x = jnp.asarray(rng.randn(4, 3, 64), jnp.float32)
   a = jnp.asarray(rng.randn(5, 64, 8), jnp.float32)

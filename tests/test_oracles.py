@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from icarus_jax import AdapterGateError, init_adapter
-from icarus_jax import engine_steps
-from icarus_jax.adapter_pool import AdapterPool
-from icarus_jax.adapters import AdapterConfig
-from icarus_jax.engine import Engine
-from icarus_jax.reference import reference_generate
-from icarus_jax.sampling import SamplingParams, sample
-from icarus_jax.training import model_logits
+from icarus_jax.serving import engine_steps
+from icarus_jax.serving.adapter_pool import AdapterPool
+from icarus_jax.model.adapters import AdapterConfig
+from icarus_jax.serving.engine import Engine
+from icarus_jax.serving.reference import reference_generate
+from icarus_jax.serving.sampling import SamplingParams, sample
+from icarus_jax.training.objective import model_logits
 
 PS = 8
 
@@ -63,7 +63,7 @@ def test_training_objective_logits_equal_serving_logits(tiny):
 
 
 def test_masked_cross_entropy_and_accuracy_by_hand():
-  from icarus_jax.training import masked_ce
+  from icarus_jax.training.objective import masked_ce
   logits = np.array([[[2.0, 0.0, -1.0], [0.0, 3.0, 0.0], [1.0, 1.0, 5.0], [4.0, 0.0, 0.0]]],
                     np.float32)
   targets = np.array([[0, 2, 2, 1]])

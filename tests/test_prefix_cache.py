@@ -6,8 +6,8 @@ The oracle is hand-worked expectations on tiny trees (page size 4), not the engi
 import pytest
 
 from icarus_jax.errors import IcarusError
-from icarus_jax.page_allocator import NULL_PAGE, PageAllocator
-from icarus_jax.prefix_cache import PrefixCache
+from icarus_jax.serving.page_allocator import NULL_PAGE, PageAllocator
+from icarus_jax.serving.prefix_cache import PrefixCache
 
 PS = 4
 

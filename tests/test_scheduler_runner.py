@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 from icarus_jax import IcarusError, init_adapter
-from icarus_jax import step_batch
-from icarus_jax.cost_model import HARDWARE, RooflineSimulator
-from icarus_jax.engine import Engine
-from icarus_jax.peft_io import save_adapter
-from icarus_jax.reference import reference_generate
-from icarus_jax.runner import DeviceRunner, RooflineRunner
-from icarus_jax.sampling import SamplingParams
-from icarus_jax.step_batch import StepBatch, StepRow
+from icarus_jax.serving import step_batch
+from icarus_jax.serving.cost_model import HARDWARE, RooflineSimulator
+from icarus_jax.serving.engine import Engine
+from icarus_jax.checkpoints.peft_io import save_adapter
+from icarus_jax.serving.reference import reference_generate
+from icarus_jax.serving.runner import DeviceRunner, RooflineRunner
+from icarus_jax.serving.sampling import SamplingParams
+from icarus_jax.serving.step_batch import StepBatch, StepRow
 
 PS = 8
 

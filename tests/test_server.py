@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 
 from icarus_jax import init_adapter, init_base_params, save_adapter, tiny_config
-from icarus_jax.async_engine import AsyncEngine
-from icarus_jax.chat_template import ChatTemplate
-from icarus_jax.engine import Engine
-from icarus_jax.sampling import SamplingParams
-from icarus_jax.server import create_app
-from icarus_jax.tokenizer import ByteTokenizer
+from icarus_jax.serving.async_engine import AsyncEngine
+from icarus_jax.model.chat_template import ChatTemplate
+from icarus_jax.serving.engine import Engine
+from icarus_jax.serving.sampling import SamplingParams
+from icarus_jax.serving.server import create_app
+from icarus_jax.model.tokenizer import ByteTokenizer
 
 from conftest import free_port, healthy as _health, serving, wait_for
 

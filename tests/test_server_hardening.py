@@ -19,10 +19,10 @@ import jax
 import pytest
 
 from icarus_jax import init_adapter, save_adapter
-from icarus_jax.async_engine import AsyncEngine
-from icarus_jax.engine import Engine
-from icarus_jax.server import create_app
-from icarus_jax.tokenizer import ByteTokenizer
+from icarus_jax.serving.async_engine import AsyncEngine
+from icarus_jax.serving.engine import Engine
+from icarus_jax.serving.server import create_app
+from icarus_jax.model.tokenizer import ByteTokenizer
 
 from conftest import serving, wait_for
 

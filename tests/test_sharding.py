@@ -66,7 +66,7 @@ def test_sharding_errors(sharded):
 
 def test_mesh_spec_parsing():
   from icarus_jax import IcarusError
-  from icarus_jax.sharding import load_rules, parse_mesh_spec
+  from icarus_jax.model.sharding import load_rules, parse_mesh_spec
   assert parse_mesh_spec("data:2,model:4") == {"data": 2, "model": 4}
   assert parse_mesh_spec("model:8") == {"data": 1, "model": 8}
   with pytest.raises(IcarusError, match="bad mesh spec"):

@@ -7,8 +7,8 @@ non-streaming client must get), for a byte-level tokenizer (every non-ASCII char
 
 import pytest
 
-from icarus_jax.stop_strings import StopStringMatcher
-from icarus_jax.tokenizer import ByteTokenizer, HFTokenizer
+from icarus_jax.serving.stop_strings import StopStringMatcher
+from icarus_jax.model.tokenizer import ByteTokenizer, HFTokenizer
 
 TEXTS = ["the quick brown fox jumps over the lazy dog",
          "caf\u00e9 \u4e2d\u6587 na\u00efve \U0001F600 end",

@@ -3,7 +3,7 @@
 import pytest
 
 from icarus_jax import IcarusError
-from icarus_jax.tokenizer import ByteTokenizer, HFTokenizer
+from icarus_jax.model.tokenizer import ByteTokenizer, HFTokenizer
 
 
 def test_byte_tokenizer_round_trip():

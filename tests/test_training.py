@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from icarus_jax import IcarusError, forward
-from icarus_jax.data import encode_example, examples_source, load_jsonl, make_dataset
-from icarus_jax.tokenizer import ByteTokenizer
-from icarus_jax.trainer import run
-from icarus_jax.training import (TrainConfig, init_trainable, loss_fn, make_optimizer, model_logits,
+from icarus_jax.training.data import encode_example, examples_source, load_jsonl, make_dataset
+from icarus_jax.model.tokenizer import ByteTokenizer
+from icarus_jax.training.trainer import run
+from icarus_jax.training.objective import (TrainConfig, init_trainable, loss_fn, make_optimizer, model_logits,
                                  param_diff, train_step)
 
 TOK = ByteTokenizer()
@@ -46,7 +46,7 @@ def test_tfds_builders_produce_expected_counts(tfds_dir, task):
 
 def test_new_task_answers_are_correct():
   """kv_recall: the answer is the value written after the queried key; add2: the sum."""
-  from icarus_jax.tasks import generate
+  from icarus_jax.training.tasks import generate
   for ex in generate("kv_recall", "test", 50):
     *pairs, query = ex["prompt"].split(";")
     assert query.endswith("=") and 3 <= len(pairs) <= 4
@@ -171,7 +171,7 @@ def test_lora_gradient_matches_finite_differences(tiny, target):
   central finite difference in float64-free float32, on random entries of ``a`` and ``b``): the
   slow k/v training of docs/results/kv_lora_anomaly.md is an optimisation effect, not a broken
   gradient."""
-  from icarus_jax.adapters import Adapter, init_adapter
+  from icarus_jax.model.adapters import Adapter, init_adapter
   cfg, base = tiny
   ad = init_adapter(cfg, jax.random.key(5), kind="lora", targets=("q", "k", "v", "o"), rank=4,
                     alpha=8, base_params=base, b_std=0.05)
@@ -201,7 +201,7 @@ def test_lora_gradient_matches_finite_differences(tiny, target):
 def test_lora_matched_trains_exactly_icarus_targets_in_one_stream(tiny):
   """The matched control differs from ICaRus-LoRA only in the frozen encoder: same trainable
   leaves, but a single stream (its K/V move with the adapter)."""
-  from icarus_jax.finetune import method_config
+  from icarus_jax.training.finetune import method_config
   cfg, base = tiny
   (m_mode, m_targets), (i_mode, i_targets) = method_config("lora_matched"), method_config(
       "icarus_lora")

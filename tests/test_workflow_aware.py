@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from icarus_jax import IcarusError, init_adapter
-from icarus_jax.bench import run_workflows
-from icarus_jax.cost_model import HARDWARE, RooflineSimulator
-from icarus_jax.engine import Engine
-from icarus_jax.reference import reference_generate
-from icarus_jax.sampling import SamplingParams
-from icarus_jax.workload import (AgentWorkloadConfig, LogNormal, coding_agent_config,
+from icarus_jax.bench.harness import run_workflows
+from icarus_jax.serving.cost_model import HARDWARE, RooflineSimulator
+from icarus_jax.serving.engine import Engine
+from icarus_jax.serving.reference import reference_generate
+from icarus_jax.serving.sampling import SamplingParams
+from icarus_jax.bench.workload import (AgentWorkloadConfig, LogNormal, coding_agent_config,
                                  generate_agent_workflows)
 
 PS = 8

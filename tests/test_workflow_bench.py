@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from icarus_jax import init_adapter
-from icarus_jax.adapters import Adapter, AdapterConfig
-from icarus_jax.bench import run_workflows
-from icarus_jax.config import ModelConfig
-from icarus_jax.cost_model import HARDWARE, RooflineSimulator
-from icarus_jax.engine import Engine
-from icarus_jax.metrics import RequestRecord, compute_metrics, workflow_metrics
-from icarus_jax.workload import WorkloadConfig, generate_workflows
+from icarus_jax.model.adapters import Adapter, AdapterConfig
+from icarus_jax.bench.harness import run_workflows
+from icarus_jax.model.config import ModelConfig
+from icarus_jax.serving.cost_model import HARDWARE, RooflineSimulator
+from icarus_jax.serving.engine import Engine
+from icarus_jax.bench.metrics import RequestRecord, compute_metrics, workflow_metrics
+from icarus_jax.bench.workload import WorkloadConfig, generate_workflows
 
 
 def test_generator_is_deterministic_and_shaped():
@@ -128,8 +128,8 @@ def test_kv_budget_from_hardware_arithmetic():
   """Llama-3.1-8B in bf16 on one H100 at 90%: 72 GB usable - 16.06 GB of weights (8.03 B
   parameters, counted by hand below) - activations - 16 rank-16 adapter slots = the KV pool."""
   import pytest
-  from icarus_jax.config import ModelConfig
-  from icarus_jax.cost_model import HARDWARE, kv_budget
+  from icarus_jax.model.config import ModelConfig
+  from icarus_jax.serving.cost_model import HARDWARE, kv_budget
   cfg = ModelConfig.from_preset("llama-3.1-8b")
   b = kv_budget(cfg, HARDWARE["h100"])
   per_layer = 4096 * 4096 * 2 + 4096 * 1024 * 2 + 3 * 4096 * 14336

@@ -1,0 +1,289 @@
+"""Runners: what executes the steps the scheduler (``engine.Engine``) plans.
+
+The scheduler owns every host-side decision (admission, chunking, page reservation, prefix
+cache, preemption, which adapter sits in which device slot); a runner owns what a step costs
+and produces. Two implementations share one interface, so one scheduler drives both:
+
+* :class:`DeviceRunner`: the KV pages, the adapter pool's weights, the jitted steps, sampling,
+  mesh placement (``shard``; the step is then jitted with explicit ``in_shardings`` /
+  ``out_shardings`` from the logical axis rules, the Pallas attention inside ``shard_map``).
+* :class:`RooflineRunner`: no arrays; each step advances a virtual clock by the roofline time
+  of ``cost_model.RooflineSimulator`` (a projection of the same schedule to real hardware).
+
+Interface (both):
+  clock() -> float                         the engine's time (wall or virtual)
+  fingerprint: str                         the base's identity (prefix-cache namespace)
+  bytes_per_page: int                      KV bytes of one page over all layers
+  prepare_adapter(name, adapter) -> Adapter   validate for this runner; the host-tier copy
+  has_free_slot; load_adapter(name, adapter) -> slot; unload_adapter(name); slot_of(name)
+  copy_page(src, dst)                      copy-on-write of a partially shared page
+  execute(step) -> logits [num_rows, V]    one step (``step_batch.Step``); donated pages
+  sample(logits, rows) -> list[int]        ``rows``: (SamplingParams, tokens so far, request id)
+  stack(list of [V] logits) -> [n, V];  wait_until(t)   idle until the clock reads ``t``
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+import zlib
+from typing import Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from icarus_jax.serving import engine_steps
+from icarus_jax.serving.adapter_pool import BASE_SLOT, AdapterPool, SlotTable
+from icarus_jax.model.adapters import Adapter, check_adapter
+from icarus_jax.model.config import ModelConfig
+from icarus_jax.serving.cost_model import RooflineSimulator
+from icarus_jax.serving.engine_config import ATTENTION_BACKENDS
+from icarus_jax.errors import IcarusError
+from icarus_jax.model.params import Params, base_fingerprint
+from icarus_jax.serving.sampling import SamplingParams, sample
+from icarus_jax.serving import step_batch
+from icarus_jax.serving.step_batch import Step, StepBatch
+
+ATTENTION_FNS = {"reference": engine_steps.paged_attention_reference,
+                 "pallas": engine_steps.paged_attention_pallas}
+assert tuple(ATTENTION_FNS) == ATTENTION_BACKENDS, "engine_config.ATTENTION_BACKENDS names them"
+
+SampleRow = tuple[SamplingParams, int, int]  # (sampling, output tokens so far, request id)
+
+
+class Runner(Protocol):
+  fingerprint: str
+  bytes_per_page: int
+
+  def clock(self) -> float: ...
+  def prepare_adapter(self, name: str, adapter: Adapter) -> Adapter: ...
+  @property
+  def has_free_slot(self) -> bool: ...
+  def load_adapter(self, name: str, adapter: Adapter) -> int: ...
+  def unload_adapter(self, name: str) -> None: ...
+  def slot_of(self, name: str | None) -> int: ...
+  def copy_page(self, src: int, dst: int) -> None: ...
+  def execute(self, step: Step): ...
+  def sample(self, logits, rows: Sequence[SampleRow]) -> list[int]: ...
+  def stack(self, logits: list): ...
+  def wait_until(self, t: float) -> None: ...
+
+
+def _page_bytes(cfg: ModelConfig, page_size: int, itemsize: int) -> int:
+  return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+
+class DeviceRunner:
+  """Pages, adapter pool and jitted steps on the default device or a mesh.
+
+  Args: the frozen base, ``mode`` (``"icarus"``: :func:`engine_steps.icarus_forward`;
+  ``"isolated"``: the conventional step), pool sizes, ``attention_backend`` and ``max_batch``
+  (sampling pads to the same batch buckets as the step).
+  """
+
+  def __init__(self, cfg: ModelConfig, base: Params, *, mode: str, num_pages: int,
+               page_size: int, max_adapters: int, max_rank: int, targets: Sequence[str],
+               attention_backend: str = "reference", max_batch: int = 8):
+    if attention_backend not in ATTENTION_BACKENDS:
+      raise IcarusError(f"attention_backend={attention_backend!r} is unknown; accepted: "
+                        f"{ATTENTION_BACKENDS}")
+    self.cfg, self.base, self.mode = cfg, base, mode
+    self.max_batch = max_batch
+    self.clock = time.perf_counter
+    self.fingerprint = base_fingerprint(cfg, base)
+    self.pool = AdapterPool(cfg, capacity=max_adapters, max_rank=max_rank, targets=tuple(targets))
+    self.pages = jnp.zeros((cfg.num_layers, num_pages, page_size, 2 * cfg.num_kv_heads,
+                            cfg.head_dim), cfg.jnp_dtype)
+    self.bytes_per_page = _page_bytes(cfg, page_size, jnp.dtype(cfg.dtype).itemsize)
+    self.attention_backend = attention_backend
+    self.attn = ATTENTION_FNS[attention_backend]
+    self.mesh = None
+    self._shardings: dict | None = None
+    self._jits: dict = {}
+
+  # ------------------------------------------------------------------ placement
+  def shard(self, mesh, rules: dict) -> None:
+    """Places base, adapter pool and pages on ``mesh`` by the logical ``rules`` and jits the
+    step with those shardings. With the Pallas backend the attention runs per device over its
+    KV heads (``engine_steps.ShardedAttention``); GSPMD cannot partition a custom call."""
+    from icarus_jax.model.sharding import (PAGES_AXES, _spec, base_logical_axes, check_divisible,
+                                     pool_logical_axes, shardings)
+    check_divisible(self.cfg, mesh)
+    sh = {"base": shardings(base_logical_axes(self.cfg, self.base), mesh, rules),
+          "pool": shardings(pool_logical_axes(self.pool.weights), mesh, rules),
+          "pages": NamedSharding(mesh, _spec(PAGES_AXES, rules))}
+    self.base = jax.device_put(self.base, sh["base"])
+    self.pool.weights = jax.device_put(self.pool.weights, sh["pool"])
+    self.pages = jax.device_put(self.pages, sh["pages"])
+    self.mesh, self._shardings, self._jits = mesh, sh, {}
+    kv_axis = rules.get("kv_heads")
+    self.attn = ATTENTION_FNS[self.attention_backend]
+    if self.attention_backend == "pallas" and kv_axis is not None and mesh.shape[kv_axis] > 1:
+      self.attn = engine_steps.ShardedAttention(self.attn, mesh, kv_axis)
+
+  def _step_fn(self, B: int):
+    """The jitted step for batch bucket ``B``: without a mesh the module-level jit; on a mesh
+    one with explicit shardings (batch rows over ``data`` when ``B`` divides, else replicated)."""
+    if self.mesh is None:
+      return functools.partial(engine_steps.step, self.cfg, self.mode, attn_fn=self.attn)
+    d = self.mesh.shape["data"]
+    split = d > 1 and B % d == 0
+    if split not in self._jits:
+      rows = NamedSharding(self.mesh, P("data") if split else P())
+      batch_sh = StepBatch(*[rows] * len(step_batch.ARRAY_FIELDS))
+      logits_sh = NamedSharding(self.mesh, P("data" if split else None, None))
+      sh = self._shardings
+      self._jits[split] = jax.jit(
+          functools.partial(engine_steps.serving_step, self.cfg, self.mode, attn_fn=self.attn),
+          in_shardings=(sh["base"], sh["pool"], sh["pages"], batch_sh),
+          out_shardings=(logits_sh, sh["pages"]), donate_argnums=(2,))
+    return self._jits[split]
+
+  def compiled_steps(self) -> int:
+    """Compiled step programs so far (tests: adapters moving between tiers never recompile)."""
+    if self.mesh is None:
+      return engine_steps.step._cache_size()
+    return sum(j._cache_size() for j in self._jits.values())
+
+  # ------------------------------------------------------------------ adapters
+  def prepare_adapter(self, name: str, adapter: Adapter) -> Adapter:
+    check_adapter(self.cfg, self.base, adapter, require_icarus=(self.mode == "icarus"),
+                  fingerprint=self.fingerprint)
+    if self.mode == "isolated" and adapter.config.is_icarus:
+      raise IcarusError(f"isolated mode serves conventional models; adapter {name!r} is of "
+                        f"kind {adapter.kind!r} (use kind='lora')")
+    self.pool.check(name, adapter)
+    return jax.tree_util.tree_map(np.asarray, adapter)  # the host tier holds it
+
+  @property
+  def has_free_slot(self) -> bool:
+    return self.pool.has_free_slot
+
+  def load_adapter(self, name: str, adapter: Adapter) -> int:
+    slot = self.pool.add(name, adapter)
+    self._keep_placement()
+    return slot
+
+  def unload_adapter(self, name: str) -> None:
+    self.pool.remove(name)
+    self._keep_placement()
+
+  def slot_of(self, name: str | None) -> int:
+    return BASE_SLOT if name is None else self.pool.slots[name]
+
+  def _keep_placement(self) -> None:
+    if self._shardings is not None:  # a no-op unless an update changed the layout
+      self.pool.weights = jax.device_put(self.pool.weights, self._shardings["pool"])
+      self.pages = jax.device_put(self.pages, self._shardings["pages"])
+
+  # ------------------------------------------------------------------ steps
+  def copy_page(self, src: int, dst: int) -> None:
+    self.pages = engine_steps.copy_pages(self.pages, jnp.array([src], jnp.int32),
+                                         jnp.array([dst], jnp.int32))
+    self._keep_placement()
+
+  def execute(self, step: Step):
+    """Runs ``step``; returns the real rows' logits ``[num_rows, V]`` (float32, on device)."""
+    fn = self._step_fn(step.batch.shape[0])
+    logits, self.pages = fn(self.base, self.pool.weights, self.pages, step.batch)
+    return logits[:step.num_rows]
+
+  def sample(self, logits, rows: Sequence[SampleRow]) -> list[int]:
+    n = len(rows)
+    B = step_batch.bucket(n, self.max_batch)
+    pad = B - n
+    sp = [r[0] for r in rows]
+    f = lambda vals, dt: np.array(vals + [vals[0]] * pad, dt)  # noqa: E731
+    lg = jnp.pad(logits, ((0, pad), (0, 0))) if pad else logits
+    toks = np.asarray(sample(lg, f([p.temperature for p in sp], np.float32),
+                             f([p.top_k for p in sp], np.int32), f([p.top_p for p in sp], np.float32),
+                             f([p.seed for p in sp], np.uint32),
+                             f([r[1] for r in rows], np.int32)))[:n]
+    return [int(t) for t in toks]
+
+  def stack(self, logits: list):
+    return jnp.stack(logits)
+
+  def wait_until(self, t: float) -> None:
+    """Idles until ``clock() >= t`` (nothing to run before then)."""
+    time.sleep(max(0.0, t - self.clock()))
+
+  def context_kv(self, ids: Sequence[int], slot: int, *, page_size: int, prefill_chunk: int,
+                 max_pages: int) -> np.ndarray:
+    """The K/V the serving step writes for ``ids`` with adapter ``slot``, in a scratch pool
+    (the live pages are untouched): ``[L, len(ids), 2K, hd]``. See ``Engine.context_kv``."""
+    cfg = self.cfg
+    n_pages = math.ceil(len(ids) / page_size)
+    pages = jnp.zeros((cfg.num_layers, n_pages + 1, page_size, 2 * cfg.num_kv_heads, cfg.head_dim),
+                      cfg.jnp_dtype)
+    table = list(range(1, n_pages + 1))
+    for start in range(0, len(ids), prefill_chunk):
+      k = min(prefill_chunk, len(ids) - start)
+      st = step_batch.build([step_batch.StepRow(ids, start, k, table, slot)], decode=False,
+                            max_batch=1, prefill_chunk=prefill_chunk, max_pages=max_pages)
+      _, pages = engine_steps.step(cfg, self.mode, self.base, self.pool.weights, pages, st.batch,
+                                   attn_fn=self.attn)
+    kv = np.asarray(pages)[:, 1:].reshape(cfg.num_layers, n_pages * page_size,
+                                          2 * cfg.num_kv_heads, cfg.head_dim)
+    return kv[:, :len(ids)]
+
+
+class RooflineRunner:
+  """No arrays: each step advances ``simulator``'s virtual clock by its roofline time.
+
+  Tokens are deterministic stand-ins (the workload fixes output lengths, like ``--ignore-eos``),
+  so the schedule equals the device runner's whenever outputs do not feed later prompts.
+  """
+
+  def __init__(self, simulator: RooflineSimulator, *, mode: str, page_size: int,
+               max_adapters: int):
+    self.sim = simulator
+    self.mode = mode
+    self.clock = simulator.clock
+    self.fingerprint = f"simulated:{simulator.cfg.name}"
+    self.bytes_per_page = int(simulator.kv_bytes_per_token * page_size)
+    self._slots = SlotTable(max_adapters)
+
+  def prepare_adapter(self, name: str, adapter: Adapter) -> Adapter:
+    del name
+    return adapter
+
+  @property
+  def has_free_slot(self) -> bool:
+    return self._slots.has_free_slot
+
+  def load_adapter(self, name: str, adapter: Adapter) -> int:
+    del adapter
+    return self._slots.take(name)
+
+  def unload_adapter(self, name: str) -> None:
+    self._slots.release(name)
+
+  def slot_of(self, name: str | None) -> int:
+    return BASE_SLOT if name is None else self._slots.slots[name]
+
+  def copy_page(self, src: int, dst: int) -> None:
+    del src, dst
+
+  def execute(self, step: Step):
+    dt = self.sim.step_time(step.row_costs(), step.decode, self.mode == "icarus")
+    self.clock.advance(dt)
+    self.sim.total_time += dt
+    self.sim.steps += 1
+    return np.zeros((step.num_rows, 0), np.float32)
+
+  def sample(self, logits, rows: Sequence[SampleRow]) -> list[int]:
+    del logits
+    return [32 + zlib.crc32(f"{rid}/{n}".encode()) % 95 for _, n, rid in rows]
+
+  def stack(self, logits: list):
+    return np.stack(logits)
+
+  def wait_until(self, t: float) -> None:
+    self.clock.advance_to(t)
+
+  def context_kv(self, *args, **kwargs):
+    raise IcarusError("context_kv needs the device runner (the roofline runner holds no K/V)")
