@@ -108,8 +108,8 @@ PLANTED = [
     ("isolated mode reuses the last prompt token of a fully cached prompt",
      "icarus_jax/serving/engine.py", 'limit = len(S) if self.mode == "icarus" else len(S) - 1',
      "limit = len(S)", ("tests/test_oracles.py", "-k", "repeated")),
-    ("stop-string hold-back removed in streaming", "icarus_jax/serving/server.py",
-     "hold = max((len(s) - 1 for s in stops), default=0)", "hold = 0",
+    ("stop-string hold-back removed in streaming", "icarus_jax/serving/stop_strings.py",
+     "self._hold = max((len(s) for s in stops), default=1) - 1", "self._hold = 0",
      ("tests/test_server.py", "-k", "streamed_text")),
     ("LRU eviction turned into MRU", "icarus_jax/serving/prefix_cache.py",
      "heap = [(nd.last_access, id(nd), nd)", "heap = [(-nd.last_access, id(nd), nd)",
@@ -118,8 +118,9 @@ PLANTED = [
      'ENCODER_ONLY_WEIGHTS = ("embed", "k", "v", "k_bias", "v_bias", "k_norm")',
      'ENCODER_ONLY_WEIGHTS = ("embed", "k", "v")', ("tests/test_oracles.py", "-k", "gate")),
     ("refcount leak after copy-on-write", "icarus_jax/serving/engine.py",
-     "jnp.array([private[0]], jnp.int32))\n      self.alloc.decref([m.partial_page])",
-     "jnp.array([private[0]], jnp.int32))", ("tests/test_oracles.py", "-k", "repeated")),
+     "self.runner.copy_page(m.partial_page, private[0])  # copy-on-write of the partial match\n"
+     "      self.alloc.decref([m.partial_page])",
+     "self.runner.copy_page(m.partial_page, private[0])  # copy-on-write of the partial match", ("tests/test_oracles.py", "-k", "repeated")),
 ]
 
 
