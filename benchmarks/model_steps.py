@@ -14,7 +14,8 @@ For each path: ``compile_s`` is the first call after ``jax.clear_caches()`` minu
 call (tracing + lowering + XLA compile), ``step_ms`` the median of ``--iters`` calls (p10/p90
 too), ``block_until_ready`` around each. Models: the embedded ``small`` preset and a 25M-parameter
 ``medium`` one where compute, not dispatch, dominates. Only public functions that exist in both
-versions are called, so ``PYTHONPATH`` can point at an older checkout. ``--repeats`` runs the
+versions are called (found under the package layout's paths or the flat ones before it), so
+``PYTHONPATH`` can point at an older checkout. ``--repeats`` runs the
 whole measurement that many times in this process and keeps each figure's minimum (other load on
 a shared machine only ever adds time).
 
@@ -62,18 +63,31 @@ def _time_calls(fn, iters):
           "p10_ms": 1e3 * ts[len(ts) // 10], "p90_ms": 1e3 * ts[(9 * len(ts)) // 10]}
 
 
+def _module(path: str, old_path: str):
+  """``icarus_jax.<path>``, or ``icarus_jax.<old_path>`` in a checkout from before the package
+  layout (issue 18), so one script measures both."""
+  import importlib
+  try:
+    return importlib.import_module(f"icarus_jax.{path}")
+  except ModuleNotFoundError:
+    return importlib.import_module(f"icarus_jax.{old_path}")
+
+
 def measure(model: str) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
 
-  from icarus_jax.serving import engine_steps
-  from icarus_jax.serving.adapter_pool import AdapterPool
-  from icarus_jax.model.adapters import DEFAULT_ICARUS_TARGETS, init_adapter
-  from icarus_jax.model.config import ModelConfig
-  from icarus_jax.model.transformer import forward
-  from icarus_jax.model.params import init_base_params
-  from icarus_jax.training.objective import TrainConfig, init_trainable, make_optimizer, train_step
+  engine_steps = _module("serving.engine_steps", "engine_steps")
+  AdapterPool = _module("serving.adapter_pool", "adapter_pool").AdapterPool
+  adapters = _module("model.adapters", "adapters")
+  DEFAULT_ICARUS_TARGETS, init_adapter = adapters.DEFAULT_ICARUS_TARGETS, adapters.init_adapter
+  ModelConfig = _module("model.config", "config").ModelConfig
+  forward = _module("model.transformer", "model").forward
+  init_base_params = _module("model.params", "params").init_base_params
+  objective = _module("training.objective", "training")
+  TrainConfig, init_trainable = objective.TrainConfig, objective.init_trainable
+  make_optimizer, train_step = objective.make_optimizer, objective.train_step
 
   cfg = ModelConfig.from_preset("small").replace(dtype="float32", vocab_size=272,
                                                  **(MEDIUM if model == "medium" else {}))
@@ -159,7 +173,8 @@ def main(argv):
   root = Path(icarus_jax.__file__).resolve().parents[1]
   commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                           text=True).stdout.strip()
-  dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "icarus_jax"],
+  dirty = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "icarus_jax",
+                               "kernels_pallas"],
                               capture_output=True, text=True).stdout.strip())
   runs = []
   for r in range(FLAGS.repeats):

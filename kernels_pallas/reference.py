@@ -16,6 +16,10 @@ import math
 import jax
 import jax.numpy as jnp
 
+#: Score of a masked key: finite, so a row that sees nothing never computes inf - inf, and
+#: ``exp(MASK_VALUE - max)`` is exactly 0 next to any visible key.
+MASK_VALUE = -1e30
+
 
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array) -> jax.Array:
   """``softmax(q k^T / sqrt(hd)) v`` over the keys ``visible`` marks.
@@ -32,19 +36,15 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arra
   """
   B, T, H, hd = q.shape
   K = k.shape[2]
-  used = jnp.any(visible, axis=1)[:, :, None, None]  # [B, S, 1, 1]
-  k = jnp.where(used, k, 0)
-  v = jnp.where(used, v, 0)
+  used = jnp.any(visible, axis=1)[:, :, None, None]  # [B, S, 1, 1]: keys some query sees
+  v = jnp.where(used, v, 0)  # NaN in K needs no zeroing: its scores are replaced below
   qg = q.reshape(B, T, K, H // K, hd)
   s = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
                  preferred_element_type=jnp.float32) / math.sqrt(hd)
-  vis = visible[:, None, None]  # [B, 1, 1, T, S]
-  s = jnp.where(vis, s, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  p = jnp.where(vis, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
-  l = p.sum(-1, keepdims=True)
-  p = p / jnp.where(l == 0, 1.0, l)
+  s = jnp.where(visible[:, None, None], s, MASK_VALUE)  # finite: masked keys get exactly 0
+  p = jax.nn.softmax(s, axis=-1)
   o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  o = jnp.where(jnp.any(visible, axis=2)[:, :, None, None, None], o, 0)  # sees nothing: 0
   return o.reshape(B, T, H, hd).astype(q.dtype)
 
 
