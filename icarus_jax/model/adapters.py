@@ -32,12 +32,13 @@ import jax.numpy as jnp
 
 from icarus_jax.model.config import ModelConfig
 from icarus_jax.errors import AdapterGateError, FingerprintMismatchError, IcarusError
-from icarus_jax.model.params import ENCODER_ONLY_WEIGHTS, Params, base_fingerprint, param_shapes
+from icarus_jax.model.params import (ENCODER_ONLY_WEIGHTS, LAYER_WEIGHTS, Params, base_fingerprint,
+                                     param_shapes)
 
 KINDS = ("icarus_lora", "icarus_full", "lora", "full")
 ICARUS_KINDS = ("icarus_lora", "icarus_full")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
-LAYER_LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LAYER_LORA_TARGETS = tuple(w.name for w in LAYER_WEIGHTS if w.is_projection)  # q k v o gate up down
 DEFAULT_ICARUS_TARGETS = ("q", "o", "gate", "up", "down", "lm_head")
 DEFAULT_LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 #: Decoder-path weights copied by a full-decoder (``icarus_full``) adapter.

@@ -1,5 +1,9 @@
 """The frozen base parameter pytree: its layout, random init and fingerprint.
 
+Every weight is declared once in :data:`LAYER_WEIGHTS` / :data:`TOP_WEIGHTS` (shape, logical
+sharding axes, initializer, condition); shapes, init, sharding rules and LoRA factor shapes are
+derived from that table.
+
 Layout (a plain nested dict; layer weights stacked on a leading ``[num_layers]`` axis so the
 model scans over layers and compiles one layer body):
 
@@ -23,6 +27,7 @@ Projection matrices are stored ``[in, out]`` (``x @ W``); Hugging Face stores ``
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import weakref
 from typing import Any
@@ -39,43 +44,94 @@ Params = dict[str, Any]
 ENCODER_ONLY_WEIGHTS = ("embed", "k", "v", "k_bias", "v_bias", "k_norm")
 
 
+@dataclasses.dataclass(frozen=True)
+class Weight:
+  """One base weight, declared once: what ``param_shapes``, ``init_base_params``, the sharding
+  rules (``model.sharding``) and the LoRA factor shapes (``model.adapters``) all read.
+
+  ``dims`` are config attribute names, or ``"heads*head_dim"`` style products, per axis (the
+  layer axis excluded); ``axes`` the logical sharding axis of each; ``init`` is ``"normal"``
+  (``N(0, scale)``) or ``"ones"``; ``when`` names a config flag the weight exists under
+  (``"!tie_embeddings"`` negates).
+  """
+
+  name: str
+  dims: tuple[str, ...]
+  axes: tuple[str, ...]
+  init: str = "normal"
+  when: str | None = None
+
+  def shape(self, cfg: ModelConfig) -> tuple[int, ...]:
+    def size(d):
+      n = 1
+      for f in d.split("*"):
+        n *= getattr(cfg, f)
+      return n
+    return tuple(size(d) for d in self.dims)
+
+  def present(self, cfg: ModelConfig) -> bool:
+    if self.when is None:
+      return True
+    return not getattr(cfg, self.when[1:]) if self.when.startswith("!") else bool(getattr(cfg, self.when))
+
+  @property
+  def is_projection(self) -> bool:
+    """A matrix ``[in, out]`` applied as ``x @ W`` (a LoRA target)."""
+    return len(self.dims) == 2 and self.init == "normal"
+
+
+#: Per-layer weights (stacked on a leading ``[num_layers]`` axis, logical axis ``"layers"``).
+LAYER_WEIGHTS = (
+    Weight("attn_norm", ("d_model",), ("embed",), "ones"),
+    Weight("q", ("d_model", "num_heads*head_dim"), ("embed", "heads")),
+    Weight("k", ("d_model", "num_kv_heads*head_dim"), ("embed", "kv_heads")),
+    Weight("v", ("d_model", "num_kv_heads*head_dim"), ("embed", "kv_heads")),
+    Weight("o", ("num_heads*head_dim", "d_model"), ("heads", "embed")),
+    Weight("q_bias", ("num_heads*head_dim",), ("heads",), when="attention_bias"),
+    Weight("k_bias", ("num_kv_heads*head_dim",), ("kv_heads",), when="attention_bias"),
+    Weight("v_bias", ("num_kv_heads*head_dim",), ("kv_heads",), when="attention_bias"),
+    Weight("q_norm", ("head_dim",), ("head_dim",), "ones", when="qk_norm"),
+    Weight("k_norm", ("head_dim",), ("head_dim",), "ones", when="qk_norm"),
+    Weight("mlp_norm", ("d_model",), ("embed",), "ones"),
+    Weight("gate", ("d_model", "mlp_dim"), ("embed", "mlp")),
+    Weight("up", ("d_model", "mlp_dim"), ("embed", "mlp")),
+    Weight("down", ("mlp_dim", "d_model"), ("mlp", "embed")),
+)
+#: Weights outside the layer stack.
+TOP_WEIGHTS = (
+    Weight("embed", ("vocab_size", "d_model"), ("vocab", "embed")),
+    Weight("final_norm", ("d_model",), ("embed",), "ones"),
+    Weight("lm_head", ("d_model", "vocab_size"), ("embed", "vocab"), when="!tie_embeddings"),
+)
+WEIGHTS = {w.name: w for w in LAYER_WEIGHTS + TOP_WEIGHTS}
+
+
 def param_shapes(cfg: ModelConfig) -> Params:
   """Nested dict of shapes of the base pytree for ``cfg`` (same structure as the params)."""
-  L, D, H, K, hd, F, V = (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.num_kv_heads,
-                          cfg.head_dim, cfg.mlp_dim, cfg.vocab_size)
-  layers = {
-      "attn_norm": (L, D),
-      "q": (L, D, H * hd),
-      "k": (L, D, K * hd),
-      "v": (L, D, K * hd),
-      "o": (L, H * hd, D),
-      "mlp_norm": (L, D),
-      "gate": (L, D, F),
-      "up": (L, D, F),
-      "down": (L, F, D),
-  }
-  if cfg.attention_bias:
-    layers.update(q_bias=(L, H * hd), k_bias=(L, K * hd), v_bias=(L, K * hd))
-  if cfg.qk_norm:
-    layers.update(q_norm=(L, hd), k_norm=(L, hd))
-  shapes = {"embed": (V, D), "final_norm": (D,), "layers": layers}
-  if not cfg.tie_embeddings:
-    shapes["lm_head"] = (D, V)
+  layers = {w.name: (cfg.num_layers, *w.shape(cfg)) for w in LAYER_WEIGHTS if w.present(cfg)}
+  shapes: Params = {w.name: w.shape(cfg) for w in TOP_WEIGHTS if w.present(cfg)}
+  shapes["layers"] = layers
   return shapes
 
 
+def logical_axes(cfg: ModelConfig) -> Params:
+  """Logical sharding axes of every base weight, in the pytree's structure."""
+  axes: Params = {w.name: w.axes for w in TOP_WEIGHTS if w.present(cfg)}
+  axes["layers"] = {w.name: ("layers", *w.axes) for w in LAYER_WEIGHTS if w.present(cfg)}
+  return axes
+
+
 def init_base_params(cfg: ModelConfig, key: jax.Array, *, scale: float = 0.02) -> Params:
-  """Random base parameters: normal(0, scale) matrices and biases, unit norms."""
+  """Random base parameters: ``N(0, scale)`` matrices and biases, unit norms (``Weight.init``)."""
   shapes = param_shapes(cfg)
   flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
   keys = jax.random.split(key, len(flat))
   dtype = cfg.jnp_dtype
   leaves = []
   for (path, shape), k in zip(flat, keys):
-    name = path[-1].key
-    if name.endswith("norm"):
+    if WEIGHTS[path[-1].key].init == "ones":
       leaves.append(jnp.ones(shape, dtype))
-    else:  # matrices and biases
+    else:
       leaves.append((scale * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
   return jax.tree_util.tree_unflatten(treedef, leaves)
 

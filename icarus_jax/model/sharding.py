@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from icarus_jax.model.config import CONFIGS_DIR, ModelConfig
 from icarus_jax.errors import IcarusError
+from icarus_jax.model.params import WEIGHTS, logical_axes
 
 AXES = ("data", "model")
 
@@ -75,27 +76,17 @@ def _spec(axes, rules) -> P:
 
 
 def base_logical_axes(cfg: ModelConfig, params) -> dict:
-  L = {"attn_norm": ("layers", "embed"), "q": ("layers", "embed", "heads"),
-       "k": ("layers", "embed", "kv_heads"), "v": ("layers", "embed", "kv_heads"),
-       "o": ("layers", "heads", "embed"), "q_bias": ("layers", "heads"),
-       "k_bias": ("layers", "kv_heads"), "v_bias": ("layers", "kv_heads"),
-       "q_norm": ("layers", "head_dim"), "k_norm": ("layers", "head_dim"),
-       "mlp_norm": ("layers", "embed"), "gate": ("layers", "embed", "mlp"),
-       "up": ("layers", "embed", "mlp"), "down": ("layers", "mlp", "embed")}
-  top = {"embed": ("vocab", "embed"), "final_norm": ("embed",), "lm_head": ("embed", "vocab")}
-  return {k: ({n: L[n] for n in v} if k == "layers" else top[k]) for k, v in params.items()}
-
-
-_LORA_IO = {"q": ("embed", "heads"), "k": ("embed", "kv_heads"), "v": ("embed", "kv_heads"),
-            "o": ("heads", "embed"), "gate": ("embed", "mlp"), "up": ("embed", "mlp"),
-            "down": ("mlp", "embed")}
+  """Logical axes of ``params`` (the declared ones, :data:`~icarus_jax.model.params.WEIGHTS`)."""
+  axes = logical_axes(cfg)
+  return {k: ({n: axes["layers"][n] for n in v} if k == "layers" else axes[k])
+          for k, v in params.items()}
 
 
 def pool_logical_axes(pool_weights) -> dict:
   """Adapter pool axes: each LoRA factor sharded like the weight it modifies."""
   out = {"layers": {}}
   for t in pool_weights["layers"]:
-    i, o = _LORA_IO[t]
+    i, o = WEIGHTS[t].axes  # a LoRA factor is sharded like the weight it modifies
     out["layers"][t] = {"a": ("layers", "adapters", i, "lora_rank"),
                         "b": ("layers", "adapters", "lora_rank", o)}
   if "lm_head" in pool_weights:
