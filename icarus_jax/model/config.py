@@ -29,7 +29,7 @@ SUPPORTED_ARCHITECTURES = {
 _ROPE_TYPES = ("default", "linear", "llama3")
 _DTYPES = ("float32", "bfloat16", "float16")
 
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # package data
 
 
 @dataclasses.dataclass(frozen=True)

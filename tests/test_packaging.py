@@ -1,0 +1,49 @@
+"""The package installs as a wheel with every subpackage, its configs and its embedded assets:
+built from this checkout, installed into an empty directory and imported from elsewhere (the
+checkout is not on the path), it finds the model presets, the sharding rules and the embedded
+base, and its layered subpackages import."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_wheel_has_subpackages_configs_and_assets(tmp_path):
+  wheels, site, src = tmp_path / "wheels", tmp_path / "site", tmp_path / "src"
+  # a clean copy: setuptools builds in the source tree, and a stale build/ would hide a package
+  # the configuration forgets
+  shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+      ".git", ".venv", "runs", "out", "build", "*.egg-info", "__pycache__", "tests", "docs",
+      "notebooks"))
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                  "-q", "-w", str(wheels), str(src)], check=True, capture_output=True,
+                 cwd=tmp_path)
+  (wheel,) = wheels.glob("icarus_jax-*.whl")
+  subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                  str(site), str(wheel)], check=True, capture_output=True, cwd=tmp_path)
+  code = (
+      "import icarus_jax, icarus_jax.serving.engine, icarus_jax.training.finetune, "
+      "icarus_jax.bench.harness, icarus_jax.checkpoints.hf, kernels_pallas.reference\n"
+      "from icarus_jax.model.config import list_presets, ModelConfig\n"
+      "from icarus_jax.model.sharding import load_rules\n"
+      "from icarus_jax.checkpoints.assets import load_any_base\n"
+      "print(icarus_jax.__file__)\n"
+      "print(sorted(list_presets()))\n"
+      "print(ModelConfig.from_preset('tiny').d_model, len(load_rules()))\n"
+      "cfg, params = load_any_base(None)\n"
+      "print(cfg.name, params['embed'].shape)\n")
+  r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                     env={"PYTHONPATH": str(site), "JAX_PLATFORMS": "cpu",
+                          "PATH": "/usr/bin:/bin"})
+  assert r.returncode == 0, r.stderr[-2000:]
+  lines = r.stdout.strip().splitlines()
+  assert lines[0].startswith(str(site))  # the installed copy, not the checkout
+  assert {"tiny", "small", "llama-3.1-8b", "qwen3-8b"} <= set(eval(lines[1]))
+  assert int(lines[2].split()[0]) > 0 and int(lines[2].split()[1]) > 0
+  assert lines[3].split()[0] == "small"
