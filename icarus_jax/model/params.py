@@ -76,7 +76,8 @@ class Weight:
 
   @property
   def is_projection(self) -> bool:
-    """A matrix ``[in, out]`` applied as ``x @ W`` (a LoRA target)."""
+    """A 2-D matrix initialised at random: for a layer weight, a projection ``[in, out]``
+    applied as ``x @ W`` (a LoRA target)."""
     return len(self.dims) == 2 and self.init == "normal"
 
 

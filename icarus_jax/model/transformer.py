@@ -60,7 +60,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
-              *, sliding_window: int | None = None, k_valid: jax.Array | None = None) -> jax.Array:
+              *, sliding_window: int | None = None) -> jax.Array:
   """Dense causal GQA attention: :func:`~kernels_pallas.reference.masked_attention` (the one jnp
   attention every kernel is checked against) with a causal, windowed visibility.
 
@@ -68,15 +68,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos:
     q: ``[B, T, H, hd]`` queries (RoPE applied).
     k, v: ``[B, S, K, hd]`` keys (RoPE applied) and values.
     q_pos: ``[B, T]`` positions of the queries.
-    k_pos: ``[B, S]`` positions of the keys; key ``s`` is visible to query ``t`` iff
-      ``k_pos[s] <= q_pos[t]`` (and within ``sliding_window``, and ``k_valid``).
+    k_pos: ``[B or 1, S]`` positions of the keys; key ``s`` is visible to query ``t`` iff
+      ``k_pos[s] <= q_pos[t]`` (and within ``sliding_window``).
   Returns:
     ``[B, T, H, hd]`` in q's dtype; a query with no visible key gets 0.
   """
-  vis = causal_visibility(q_pos, k_pos, sliding_window)
-  if k_valid is not None:
-    vis &= k_valid[:, None, :]
-  return masked_attention(q, k, v, vis)
+  return masked_attention(q, k, v, causal_visibility(q_pos, k_pos, sliding_window))
 
 
 def lora_delta(x: jax.Array, ab: dict | None, rows: jax.Array | None) -> jax.Array | None:
@@ -235,26 +232,27 @@ def _default_positions(tokens: jax.Array, positions) -> jax.Array:
 # ------------------------------------------------------------------------------------------
 # Streams
 # ------------------------------------------------------------------------------------------
-def dense_attend(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None,
+def dense_attend(q_pos: jax.Array, sliding_window: int | None,
                  cache: tuple[jax.Array, jax.Array] | None = None) -> Attend:
   """``attend`` over a contiguous cache (or, without one, over the block's own new K/V).
 
-  With ``cache = (k, v) [B, S, K, hd]`` of this layer, the new K/V are written at their
-  positions and queries attend to cache keys at ``k_pos [B, S]``; ``aux`` is the updated
-  ``(k, v)``. Without a cache, ``aux`` is the new ``(k, v)`` and keys are at ``q_pos``.
-  A block with ``kv_tokens=0`` reads the cache as given (the decoder stream).
+  The block's K/V tokens are the first ``k.shape[1]`` of ``q_pos [B, T]``. With ``cache = (k, v)
+  [B, S, K, hd]`` of this layer, they are written at their positions and queries attend to the
+  cache (key ``s`` at position ``s``); ``aux`` is the updated ``(k, v)``. Without a cache,
+  ``aux`` is the new ``(k, v)``. A block with ``kv_tokens=0`` reads the cache as given (the
+  decoder stream).
   """
   def attend(q, k, v):
+    kv_pos = q_pos[:, :k.shape[1]]
     if cache is None:
-      ck, cv, kp = k, v, q_pos[:, :k.shape[1]]
-    else:
-      ck, cv = cache
-      kp = k_pos
-      if k.shape[1]:
-        bidx = jnp.arange(k.shape[0])[:, None]
-        ck = ck.at[bidx, q_pos[:, :k.shape[1]]].set(k.astype(ck.dtype))
-        cv = cv.at[bidx, q_pos[:, :k.shape[1]]].set(v.astype(cv.dtype))
-    return attention(q, ck, cv, q_pos, kp, sliding_window=sliding_window), (ck, cv)
+      return attention(q, k, v, q_pos, kv_pos, sliding_window=sliding_window), (k, v)
+    ck, cv = cache
+    if k.shape[1]:
+      bidx = jnp.arange(k.shape[0])[:, None]
+      ck = ck.at[bidx, kv_pos].set(k.astype(ck.dtype))
+      cv = cv.at[bidx, kv_pos].set(v.astype(cv.dtype))
+    k_pos = jnp.arange(ck.shape[1], dtype=jnp.int32)[None]
+    return attention(q, ck, cv, q_pos, k_pos, sliding_window=sliding_window), (ck, cv)
   return attend
 
 
@@ -270,13 +268,10 @@ def single_stream(cfg: ModelConfig, weights: Params, lora: Params, tokens: jax.A
   cache keys at positions <= their own; returns ``(logits | None, updated cache)``.
   """
   h = embed(weights, tokens)
-  S = cache["k"].shape[2] if cache is not None else 0
-  k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (tokens.shape[0], S))
 
   def body(h, xs):
     lp, ll, ck, cv = xs
-    attend = dense_attend(positions, k_pos, cfg.sliding_window,
-                          None if ck is None else (ck, cv))
+    attend = dense_attend(positions, cfg.sliding_window, None if ck is None else (ck, cv))
     return block(cfg, lp, ll, h, positions, attend)
 
   ck = cache["k"] if cache is not None else None
@@ -292,12 +287,10 @@ def decoder_stream(cfg: ModelConfig, weights: Params, lora: Params, tokens: jax.
   """The ICaRus decoder over the encoder's ``kv [L, B, S, K, hd]`` (read, never written):
   float32 logits ``[B, T, V]`` for ``tokens`` at ``positions [B, T]``."""
   h = embed(weights, tokens)
-  S = kv["k"].shape[2]
-  k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (tokens.shape[0], S))
 
   def body(h, xs):
     lp, ll, k, v = xs
-    attend = dense_attend(positions, k_pos, cfg.sliding_window, (k, v))
+    attend = dense_attend(positions, cfg.sliding_window, (k, v))
     h, _ = block(cfg, lp, ll, h, positions, attend, kv_tokens=0)
     return h, None
 
@@ -360,13 +353,13 @@ def forward(config: ModelConfig, base_params: Params, tokens, adapter: Adapter |
 
   * ``adapter=None``: the base causal LM.
   * ``lora`` / ``full`` kinds: the conventional fine-tuned model (adapter everywhere, own K/V).
-  * ICaRus kinds: ``decode(encode(tokens))``, the two-stream model.
+  * ICaRus kinds: ``decode(encode(tokens))``, the two-stream model (no gradient reaches the
+    encoder, so training differentiates this same function).
   """
   tokens = _check_tokens(config, tokens)
   positions = _default_positions(tokens, positions)
   if adapter is not None and adapter.config.is_icarus:
-    kv = encode(config, base_params, tokens, positions=positions)
-    return decode(config, base_params, adapter, tokens, kv, positions=positions)
+    return icarus_logits(config, base_params, adapter, tokens, positions)
   weights, lora = model_view(base_params, adapter)
   logits, _ = single_stream(config, weights, lora, tokens, positions, None, True)
   return logits

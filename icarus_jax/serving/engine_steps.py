@@ -143,13 +143,13 @@ def _layer_scan(body, carry, base: Params, pool: Params, pages: jax.Array):
   return carry, pool_flat.reshape(pages.shape)
 
 
-def paged_attend(pool_flat: jax.Array, table: jax.Array, q_pos: jax.Array, positions: jax.Array,
-                 valid: jax.Array, attn_fn, sliding_window: int | None):
-  """The block's ``attend`` over the paged pool: scatter the new K/V of the tokens at
-  ``positions``/``valid`` into their pages, then ``attn_fn`` over the row's pages;
-  ``aux`` is the updated flat pool."""
+def paged_attend(pool_flat: jax.Array, table: jax.Array, q_pos: jax.Array, valid: jax.Array,
+                 attn_fn, sliding_window: int | None):
+  """The block's ``attend`` over the paged pool: scatter the new K/V (the block's first
+  ``k.shape[1]`` tokens of ``q_pos``, where ``valid [B, k.shape[1]]``) into their pages, then
+  ``attn_fn`` over the row's pages; ``aux`` is the updated flat pool."""
   def attend(q, k, v):
-    pool = write_kv(pool_flat, k, v, table, positions, valid)
+    pool = write_kv(pool_flat, k, v, table, q_pos[:, :k.shape[1]], valid)
     return attn_fn(q, pool, table, q_pos, sliding_window=sliding_window), pool
   return attend
 
@@ -171,7 +171,7 @@ def icarus_forward(cfg: ModelConfig, base: Params, pool: Params, pages: jax.Arra
 
   def body(h, pool_flat, xs):
     lp, ll, offset = xs
-    attend = paged_attend(pool_flat, page_table + offset, q_pos, positions, valid, attn_fn,
+    attend = paged_attend(pool_flat, page_table + offset, q_pos, valid, attn_fn,
                           cfg.sliding_window)
     return block(cfg, lp, ll, h, q_pos, attend, kv_tokens=T, lora_from=T, kv_lora=False,
                  rows=rows)
@@ -193,7 +193,7 @@ def conventional_forward(cfg: ModelConfig, base: Params, pool: Params, pages: ja
 
   def body(h, pool_flat, xs):
     lp, ll, offset = xs
-    attend = paged_attend(pool_flat, page_table + offset, positions, positions, valid, attn_fn,
+    attend = paged_attend(pool_flat, page_table + offset, positions, valid, attn_fn,
                           cfg.sliding_window)
     return block(cfg, lp, ll, h, positions, attend, rows=rows)
 

@@ -25,7 +25,7 @@ from icarus_jax.model.adapters import (DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARG
                                  init_adapter)
 from icarus_jax.model.config import ModelConfig
 from icarus_jax.errors import IcarusError
-from icarus_jax.model.transformer import icarus_logits, model_view, single_stream
+from icarus_jax.model.transformer import forward
 from icarus_jax.model.params import Params
 
 MODES = ("icarus_lora", "icarus_full", "lora", "full")
@@ -94,12 +94,7 @@ def masked_ce(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[j
 
 def model_logits(cfg: ModelConfig, base: Params, adapter: Adapter | None, tokens: jax.Array) -> jax.Array:
   """Training-time logits ``[B, T, V]`` for ``adapter``'s kind (ICaRus: frozen encoder)."""
-  pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
-  if adapter is not None and adapter.config.is_icarus:
-    return icarus_logits(cfg, base, adapter, tokens, pos)  # frozen encoder, trained decoder
-  weights, lora = model_view(base, adapter)
-  logits, _ = single_stream(cfg, weights, lora, tokens, pos, None, True)
-  return logits
+  return forward(cfg, base, tokens, adapter)  # ICaRus: frozen encoder, trained decoder
 
 
 def loss_fn(adapter: Adapter, cfg: ModelConfig, base: Params, batch: dict):
