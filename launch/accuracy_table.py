@@ -33,13 +33,13 @@ from pathlib import Path
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("tasks", ["addition", "sorting", "reversal", "kv_lookup"], "Tasks.")
+flags.DEFINE_list("tasks", ["sorting", "reversal", "add2"], "Tasks (icarus_jax.training.tasks).")
 flags.DEFINE_list("methods", ["icarus_lora", "lora_matched", "lora", "icarus_full", "full"],
                   "Methods (icarus_jax.training.finetune.METHODS).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the final runs (the first one also sweeps).")
 flags.DEFINE_list("lora_lrs", ["1e-3", "3e-3", "1e-2"], "LR grid for LoRA methods.")
 flags.DEFINE_list("full_lrs", ["1e-4", "3e-4", "1e-3"], "LR grid for full fine-tuning methods.")
-flags.DEFINE_integer("steps", 400, "Steps per run (short tasks).")
+flags.DEFINE_integer("steps", 600, "Steps per run (short tasks).")
 flags.DEFINE_integer("long_steps", 300, "Steps per run for tasks with sequences longer than 32 "
                      "tokens (kv_lookup, play).")
 flags.DEFINE_string("base", None, "Base model (HF dir, .gguf, or a named base); default: the "
@@ -49,7 +49,7 @@ flags.DEFINE_integer("log_every", 20, "Loss-curve resolution (steps); validation
 flags.DEFINE_integer("val_examples", 200, "Validation examples (selection and curves).")
 flags.DEFINE_integer("eval_examples", 500, "Held-out test examples per task.")
 flags.DEFINE_string("out", "docs/results", "Where the records and the table go.")
-flags.DEFINE_string("workdir", "runs/accuracy", "Run directories (checkpoints).")
+flags.DEFINE_string("workdir", "runs/accuracy_table", "Run directories (checkpoints).")
 flags.DEFINE_string("export_adapters", "", "Where the first seed's LoRA adapters are copied "
                     "(default '': not copied; the demo's adapters live in "
                     "icarus_jax/assets/adapters and belong to the embedded base).")

@@ -36,7 +36,7 @@ def test_selection_never_reads_test_and_runs_resume(tmp_path):
   args = ["--tasks=reversal", "--methods=icarus_lora,lora_matched", "--lora_lrs=1e-3,3e-3",
           "--seeds=0,1", "--steps=4", "--log_every=2", "--val_examples=6", "--eval_examples=6",
           "--tfds_config=small", f"--out={tmp_path / 'out'}", f"--workdir={tmp_path / 'runs'}",
-          "--export_adapters=", f"--tfds_dir={tmp_path / 'tfds'}"]
+          "--export_adapters=", "--base=small_base", f"--tfds_dir={tmp_path / 'tfds'}"]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
   # 1. test split poisoned: the LR sweep of the first method completes, then the first final run
   #    (the first test read) stops the process

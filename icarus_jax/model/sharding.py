@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from icarus_jax.model.config import CONFIGS_DIR, ModelConfig
 from icarus_jax.errors import IcarusError
-from icarus_jax.model.params import WEIGHTS, logical_axes
+from icarus_jax.model.params import logical_axes, lora_axes
 
 AXES = ("data", "model")
 
@@ -84,13 +84,13 @@ def base_logical_axes(cfg: ModelConfig, params) -> dict:
 
 def pool_logical_axes(pool_weights) -> dict:
   """Adapter pool axes: each LoRA factor sharded like the weight it modifies."""
-  out = {"layers": {}}
-  for t in pool_weights["layers"]:
-    i, o = WEIGHTS[t].axes  # a LoRA factor is sharded like the weight it modifies
-    out["layers"][t] = {"a": ("layers", "adapters", i, "lora_rank"),
-                        "b": ("layers", "adapters", "lora_rank", o)}
+  def pooled(axes):  # the slot axis follows the layer axis (or leads)
+    return axes[:1] + ("adapters",) + axes[1:] if axes[0] == "layers" else ("adapters", *axes)
+
+  out = {"layers": {t: {f: pooled(a) for f, a in lora_axes(t).items()}
+                    for t in pool_weights["layers"]}}
   if "lm_head" in pool_weights:
-    out["lm_head"] = {"a": ("adapters", "embed", "lora_rank"), "b": ("adapters", "lora_rank", "vocab")}
+    out["lm_head"] = {f: pooled(a) for f, a in lora_axes("lm_head").items()}
   return out
 
 

@@ -7,8 +7,10 @@ Modes (``TrainConfig.mode``):
 * ``lora``: standard LoRA (adapter on q, k, v, o, MLP, head): the model owns its K/V.
 * ``full``: standard full fine-tuning (every weight, held as a ``full`` adapter).
 
-Only the adapter's leaves are given to the optimizer; the base pytree is an argument of the
-step, never of ``optax`` (it cannot change). The loss is next-token cross-entropy averaged over
+The step runs the Flax NNX model (``model.modules``) as a pure function: it is split into a
+graph, the frozen base state and the adapter state, and only the adapter state is
+differentiated and given to the optimizer; the base is an argument of the step, never of
+``optax`` (it cannot change). The loss is next-token cross-entropy averaged over
 ``mask`` (response tokens only).
 """
 
@@ -20,11 +22,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from icarus_jax.model.adapters import (DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGETS, Adapter,
                                  init_adapter)
 from icarus_jax.model.config import ModelConfig
 from icarus_jax.errors import IcarusError
+from icarus_jax.model.modules import Transformer, adapter_params, merge, split
 from icarus_jax.model.transformer import forward
 from icarus_jax.model.params import Params
 
@@ -97,20 +101,36 @@ def model_logits(cfg: ModelConfig, base: Params, adapter: Adapter | None, tokens
   return forward(cfg, base, tokens, adapter)  # ICaRus: frozen encoder, trained decoder
 
 
-def loss_fn(adapter: Adapter, cfg: ModelConfig, base: Params, batch: dict):
-  logits = model_logits(cfg, base, adapter, batch["inputs"])
+def state_loss(adapter_state: nnx.State, graphdef: nnx.GraphDef, base_state: nnx.State,
+               batch: dict):
+  """The loss as a function of the adapter state alone (the argument differentiated): the model
+  is merged from its graph, the frozen base state and ``adapter_state``."""
+  logits = merge(graphdef, base_state, adapter_state)(batch["inputs"])
   loss, acc = masked_ce(logits, batch["targets"], batch["mask"])
   return loss, {"loss": loss, "token_accuracy": acc}
+
+
+def loss_fn(adapter: Adapter, cfg: ModelConfig, base: Params, batch: dict):
+  """``state_loss`` of the NNX model holding ``base`` and ``adapter`` (functional entry)."""
+  graphdef, base_state, adapter_state = split(Transformer(cfg, base, adapter))
+  return state_loss(adapter_state, graphdef, base_state, batch)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "tx"), donate_argnums=(1, 2))
 def train_step(cfg: ModelConfig, adapter: Adapter, opt_state, base: Params, batch: dict,
                tx: optax.GradientTransformation):
-  """One optimizer step on ``adapter`` only. Returns ``(adapter, opt_state, metrics)``."""
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(adapter, cfg, base, batch)
-  updates, opt_state = tx.update(grads.params, opt_state, adapter.params)
+  """One optimizer step on ``adapter`` only. Returns ``(adapter, opt_state, metrics)``.
+
+  The model is split into ``(graphdef, base_state, adapter_state)``; the gradient is taken with
+  respect to ``adapter_state`` alone, and optax sees only its leaves (``Adapter.params``' layout,
+  so optimizer states stay compatible with checkpoints)."""
+  graphdef, base_state, adapter_state = split(Transformer(cfg, base, adapter))
+  (_, metrics), g_state = jax.value_and_grad(state_loss, has_aux=True)(
+      adapter_state, graphdef, base_state, batch)
+  grads = adapter_params(g_state)
+  updates, opt_state = tx.update(grads, opt_state, adapter.params)
   params = optax.apply_updates(adapter.params, updates)
-  metrics["grad_norm"] = optax.global_norm(grads.params)
+  metrics["grad_norm"] = optax.global_norm(grads)
   return Adapter(params, adapter.config), opt_state, metrics
 
 
