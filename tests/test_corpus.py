@@ -7,6 +7,7 @@ play (its first line is found in that play's file).
 """
 
 import collections
+import re
 
 import pytest
 
@@ -82,3 +83,28 @@ def test_play_task_splits_are_disjoint_and_labelled_by_their_play():
     owners = [p for p in tasks.PLAYS if first_line in flat[p]]
     assert ex["response"] in owners, (ex, owners)
   assert all(tasks.split_of(e["prompt"][:-6]) == "train" for e in s["train"][:200])
+
+
+def test_next_word_task_continues_the_pretraining_text_and_splits_by_speech():
+  s = tasks.make_splits("next_word", 2000, 500, 500)
+  prompts = {k: [e["prompt"] for e in v] for k, v in s.items()}
+  assert not set(prompts["train"]) & set(prompts["test"])
+  assert not set(prompts["test"]) & set(prompts["validation"])
+  assert len(prompts["test"]) == len(set(prompts["test"])) == 500  # distinct held-out prompts
+  owner_speech = {}
+  for split in ("train", "validation", "test"):
+    for text, _ in tasks.next_word_pool(split):
+      owner_speech[text] = split
+  for split in ("train", "test", "validation"):
+    for ex in s[split][:100]:
+      context = ex["prompt"][:-1]
+      assert ex["prompt"].endswith(" ") and 0 < len(context) <= 40
+      assert ex["response"] == ex["response"].upper() and ex["response"][0].isalpha()
+      # the answer is the word that follows the context in that split's speeches (an
+      # independent search of the raw pool text, not the generator's spans)
+      pattern = re.compile(re.escape(context) + r"[\s'\"(\[-]*" + re.escape(ex["response"]) + r"(?![A-Za-z])", re.IGNORECASE)
+      hits = [t for t in owner_speech if pattern.search(t)]
+      assert any(owner_speech[t] == split for t in hits), (split, ex)
+  # chance is low: the most frequent answer is a few per cent of the test split
+  counts = collections.Counter(e["response"] for e in s["test"])
+  assert counts.most_common(1)[0][1] / len(s["test"]) < 0.06

@@ -124,6 +124,34 @@ def test_projection_uses_the_same_scheduler_with_a_virtual_clock():
   assert out["icarus"]["prefill_tokens_computed"] < out["isolated"]["prefill_tokens_computed"]
 
 
+def test_executed_shape_prices_the_bucket_and_a_slow_gather_adds_its_time():
+  """The CPU validation's cost model: the bucketed program (padded rows and pages, dense
+  attention) and the page gather at its own bandwidth, added to the roofline; the projections'
+  model prices the real rows with the K/V read streamed with the weights."""
+  import dataclasses
+
+  from icarus_jax.serving import step_batch
+  cfg = ModelConfig.from_preset("llama-3.1-8b")
+  rows = [step_batch.StepRow(list(range(300)), 299, 1, list(range(1 + 19 * i, 20 + 19 * i)), 0)
+          for i in range(3)]  # 3 decode rows at context 300 (19 pages of 16)
+  step = step_batch.build(rows, decode=True, max_batch=8, prefill_chunk=64, max_pages=64)
+  assert step.shape == (4, 1, 32)
+  hw = HARDWARE["h100"]
+  real = RooflineSimulator(cfg, hw)
+  assert real.price(step, 16, True) == real.step_time([(300, 1, 0)] * 3, True, True)
+  padded = RooflineSimulator(cfg, hw, executed_shape=True)
+  assert padded.price(step, 16, True) == real.step_time([(512, 1, 0)] * 4, True, True)
+  # K/V bytes: 4 rows x 512 tokens x 128 KiB (32 layers x 8 kv heads x 128 x 2 x 2 bytes)
+  kv_read = 4 * 512 * 2 * 32 * 8 * 128 * 2
+  assert padded.step_bytes([(512, 1, 0)] * 4, True)["kv_read"] == kv_read
+  slow = RooflineSimulator(cfg, dataclasses.replace(hw, kv_read_bandwidth=1e9),
+                           executed_shape=True)
+  streamed = (padded.step_bytes([(512, 1, 0)] * 4, True)["total"] - kv_read) / (
+      hw.hbm_bandwidth * hw.mem_efficiency)  # weight-bound: the roofline's max is the bytes
+  assert slow.price(step, 16, True) == pytest.approx(
+      streamed + kv_read / (1e9 * hw.mem_efficiency) + hw.step_overhead_s, rel=1e-9)
+
+
 def test_kv_budget_from_hardware_arithmetic():
   """Llama-3.1-8B in bf16 on one H100 at 90%: 72 GB usable - 16.06 GB of weights (8.03 B
   parameters, counted by hand below) - activations - 16 rank-16 adapter slots = the KV pool."""

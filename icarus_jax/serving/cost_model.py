@@ -31,6 +31,11 @@ class Hardware:
   flop_efficiency: float = 0.6
   step_overhead_s: float = 0.004
   memory_bytes: float = 80e9
+  #: Bandwidth of attention's K/V read (bytes / s) when it is not streamed with the weights:
+  #: None (accelerators: a paged-attention kernel reads pages at HBM speed, inside the
+  #: roofline's ``max``) or a separately fitted rate, added to the step (XLA:CPU runs the
+  #: reference backend's page gather as its own loop, far below its matmul bandwidth).
+  kv_read_bandwidth: float | None = None
 
 
 HARDWARE = {  # per chip: vendor data sheets (dense bf16 peak, HBM bandwidth, HBM capacity)
@@ -110,9 +115,14 @@ class VirtualClock:
 class RooflineSimulator:
   """Step-time model for ``cfg`` on ``hw`` with bf16 weights and KV."""
 
-  def __init__(self, cfg: ModelConfig, hw: Hardware, *, lora_rank: int = 16, bytes_per_param: int = 2):
+  def __init__(self, cfg: ModelConfig, hw: Hardware, *, lora_rank: int = 16, bytes_per_param: int = 2,
+               executed_shape: bool = False):
+    """``executed_shape``: price the bucketed program the device runs (every padded row, query
+    and page: what a dense reference backend computes) instead of the real rows (what a ragged
+    paged kernel does). The CPU validation uses it; projections for accelerators do not."""
     self.cfg = cfg
     self.hw = hw
+    self.executed_shape = executed_shape
     self.clock = VirtualClock()
     c = cfg
     per_layer = (c.d_model * c.num_heads * c.head_dim * 2 + c.d_model * c.num_kv_heads * c.head_dim * 2
@@ -145,8 +155,9 @@ class RooflineSimulator:
     return {"weights": self.weight_bytes, "lora": lora, "kv_read": kv_read, "kv_write": kv_write,
             "total": self.weight_bytes + lora + kv_read + kv_write}
 
-  def step_time(self, rows, decode: bool, icarus: bool) -> float:
-    """``rows``: list of (context length after this step, new tokens, slot)."""
+  def step_time(self, rows, decode: bool, icarus: bool, *, dense: bool = False) -> float:
+    """``rows``: list of (context length after this step, new tokens, slot). ``dense``: every
+    query attends to the whole context (a masked dense reference) instead of ~its causal half."""
     c = self.cfg
     flops = 0.0
     for ctx, n_new, slot in rows:
@@ -154,8 +165,23 @@ class RooflineSimulator:
       flops += 2.0 * self.layer_params * q_rows
       flops += 2.0 * self.head_params  # one logits row per request
       # attention: each query row attends to ~its context (causal average for prefill chunks)
-      avg_ctx = ctx if decode else max(ctx - n_new / 2.0, 1.0)
+      avg_ctx = ctx if decode or dense else max(ctx - n_new / 2.0, 1.0)
       flops += 4.0 * c.num_layers * c.num_heads * c.head_dim * avg_ctx * q_rows
-    t_mem = self.step_bytes(rows, icarus)["total"] / (self.hw.hbm_bandwidth * self.hw.mem_efficiency)
+    b = self.step_bytes(rows, icarus)
+    t_gather = 0.0
+    streamed = b["total"]
+    if self.hw.kv_read_bandwidth is not None:
+      t_gather = b["kv_read"] / (self.hw.kv_read_bandwidth * self.hw.mem_efficiency)
+      streamed -= b["kv_read"]
+    t_mem = streamed / (self.hw.hbm_bandwidth * self.hw.mem_efficiency)
     t_flop = flops / (self.hw.peak_flops * self.hw.flop_efficiency)
-    return max(t_mem, t_flop) + self.hw.step_overhead_s
+    return max(t_mem, t_flop) + t_gather + self.hw.step_overhead_s
+
+  def price(self, step, page_size: int, icarus: bool) -> float:
+    """Time of one scheduled ``step`` (``step_batch.Step``): its real rows, or with
+    ``executed_shape`` its bucket ``(B, T, N)`` as B rows of T new tokens over N pages each."""
+    if not self.executed_shape:
+      return self.step_time(step.row_costs(), step.decode, icarus)
+    B, T, N = step.shape
+    slots = [r.slot for r in step.rows] + [0] * (B - step.num_rows)
+    return self.step_time([(N * page_size, T, s) for s in slots], step.decode, icarus, dense=True)

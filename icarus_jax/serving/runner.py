@@ -244,6 +244,7 @@ class RooflineRunner:
     self.mode = mode
     self.clock = simulator.clock
     self.fingerprint = f"simulated:{simulator.cfg.name}"
+    self.page_size = page_size
     self.bytes_per_page = int(simulator.kv_bytes_per_token * page_size)
     self._slots = SlotTable(max_adapters)
 
@@ -269,7 +270,7 @@ class RooflineRunner:
     del src, dst
 
   def execute(self, step: Step):
-    dt = self.sim.step_time(step.row_costs(), step.decode, self.mode == "icarus")
+    dt = self.sim.price(step, self.page_size, self.mode == "icarus")
     self.clock.advance(dt)
     self.sim.total_time += dt
     self.sim.steps += 1

