@@ -57,7 +57,7 @@ flags.DEFINE_string("tfds_dir", "~/tensorflow_datasets", "TFDS data_dir.")
 flags.DEFINE_string("tfds_config", "default", "Task builder config (default, or small for tests).")
 flags.DEFINE_bool("summarize_only", False, "Only rebuild the summary from the JSONL.")
 
-LABELS = {"base": "base", "icarus_lora": "ICaRus-LoRA", "lora_matched": "LoRA, matched targets",
+LABELS = {"chance": "chance (majority answer)", "base": "base", "icarus_lora": "ICaRus-LoRA", "lora_matched": "LoRA, matched targets",
           "lora": "LoRA (+k,v)", "icarus_full": "ICaRus-full", "full": "full FT"}
 
 
@@ -88,7 +88,7 @@ def write_summary(records: list[dict], out: Path, config: dict) -> dict:
   (out / "accuracy.json").write_text(json.dumps(summary, indent=1) + "\n")
   md = markdown_table(table, methods, LABELS)
   (out / "accuracy.table.md").write_text(md + "\n")
-  plot_curves(final, methods[1:], LABELS, out / "accuracy_loss.png",
+  plot_curves(final, [m for m in methods if m not in ("chance", "base")], LABELS, out / "accuracy_loss.png",
               "train (solid) and validation (dashed) loss, mean over seeds, min-max band")
   return summary
 
@@ -127,6 +127,7 @@ def main(argv):
 
   done = {key(r): r for r in read_records(jsonl)}
   n_jobs = len(FLAGS.tasks) * (1 + sum(len(lr_grid(m)) + len(seeds) for m in FLAGS.methods))
+  # (+ one majority-answer record per task, not counted: it costs no training)
   bar = tqdm(total=n_jobs, initial=len(done), desc="accuracy_table runs")
 
   for task in FLAGS.tasks:
@@ -183,6 +184,26 @@ def main(argv):
                  + (f" test={rec['test_acc']:.3f}" if phase == "final" else ""))
       return rec
 
+    def chance():
+      """The majority-answer predictor: the most frequent train answer, scored on test."""
+      rec = {"phase": "final", "task": task, "method": "chance", "seed": 0, "lr": 0.0}
+      if key(rec) in done:
+        return
+      import collections
+      train = examples_source(task, "train", data_dir=tfds_dir, tfds_config=FLAGS.tfds_config)
+      def answer(ex):
+        r = ex["response"]
+        return r.decode("utf-8") if isinstance(r, bytes) else str(r)
+
+      answers = collections.Counter(answer(train[i]) for i in range(len(train)))
+      guess = min(answers, key=lambda a: (-answers[a], a))  # ties: the first in sorted order
+      test = examples_source(task, "test", data_dir=tfds_dir, tfds_config=FLAGS.tfds_config)
+      n = min(FLAGS.eval_examples, len(test))  # the prompts the final runs are scored on
+      k = sum(answer(test[i]) == guess for i in range(n))
+      rec.update(test_acc=k / n, test_correct=k, test_n=n, val_acc=None, samples=[guess])
+      append_record(jsonl, rec)
+      done[key(rec)] = rec
+
     for method in FLAGS.methods:
       sweep = []
       for lr in lr_grid(method):
@@ -192,6 +213,7 @@ def main(argv):
       for seed in seeds:
         train_eval(method, lr, seed, "final")
     train_eval("base", 0.0, 0, "final")
+    chance()
     write_summary(list(done.values()), out, config)
   bar.close()
   summary = write_summary(read_records(jsonl), out, config)

@@ -53,7 +53,7 @@ def test_selection_never_reads_test_and_runs_resume(tmp_path):
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   recs = [json.loads(l) for l in jsonl.read_text().splitlines()]
-  assert len(recs) == 9 and len({(x["phase"], x["method"], x["seed"], x["lr"]) for x in recs}) == 9
+  assert len(recs) == 10 and len({(x["phase"], x["method"], x["seed"], x["lr"]) for x in recs}) == 10
   assert recs[:2] == [json.loads(l) for l in jsonl.read_text().splitlines()[:2]]
   sweeps = {m: [x for x in recs if x["phase"] == "sweep" and x["method"] == m]
             for m in ("icarus_lora", "lora_matched")}
@@ -73,7 +73,17 @@ def test_selection_never_reads_test_and_runs_resume(tmp_path):
   assert rebuilt["table"] == summary["table"] and rebuilt["records"] == summary["records"]
   assert {(x["method"], x["seed"]) for x in summary["records"]} == {
       ("icarus_lora", 0), ("icarus_lora", 1), ("lora_matched", 0), ("lora_matched", 1),
-      ("base", 0)}
+      ("base", 0), ("chance", 0)}
+  # the majority-answer row: the most frequent train answer, scored on the test prompts
+  chance = next(x for x in recs if x["method"] == "chance")
+  import collections
+
+  from icarus_jax.training import tasks
+  splits = tasks.make_splits("reversal", 200, 50, 50)  # the "small" TFDS config's sizes
+  counts = collections.Counter(e["response"] for e in splits["train"])
+  guess = min(counts, key=lambda a: (-counts[a], a))
+  assert chance["samples"] == [guess] and chance["test_n"] == 6
+  assert chance["test_correct"] == sum(e["response"] == guess for e in splits["test"][:6])
   for x in summary["records"]:
     assert set(x) >= {"method", "task", "seed", "lr", "val_acc", "test_acc",
                       "final_train_loss", "steps"}
