@@ -42,8 +42,8 @@ flags.DEFINE_list("full_lrs", ["1e-4", "3e-4", "1e-3"], "LR grid for full fine-t
 flags.DEFINE_integer("steps", 600, "Steps per run (short tasks).")
 flags.DEFINE_integer("long_steps", 300, "Steps per run for tasks with sequences longer than 32 "
                      "tokens (kv_lookup, play).")
-flags.DEFINE_string("base", None, "Base model (HF dir, .gguf, or a named base); default: the "
-                    "embedded small base.")
+flags.DEFINE_string("base", "small_base_long", "Base model (HF dir, .gguf, or a named base); "
+                    "default: the embedded base pretrained to about 20 tokens per parameter.")
 flags.DEFINE_integer("rank", 16, "LoRA rank (alpha = 2 x rank).")
 flags.DEFINE_integer("log_every", 20, "Loss-curve resolution (steps); validation loss too.")
 flags.DEFINE_integer("val_examples", 200, "Validation examples (selection and curves).")
