@@ -103,23 +103,23 @@ def plot_curves(records: Iterable[dict], methods: Sequence[str], labels: dict[st
   if not tasks:
     return
   fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 3.8), squeeze=False)
+  colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   for ax, t in zip(axes[0], tasks):
-    for m in methods:
+    for i, m in enumerate(methods):  # one color per method on every panel
       rs = [r for r in records if r["task"] == t and r["method"] == m]
       if not rs:
         continue
       n = min(len(r["curve"]) for r in rs)
       steps = [c[0] for c in rs[0]["curve"][:n]]
-      color = None
+      color = colors[i % len(colors)]
       for col, style in ((1, "-"), (2, "--")):
         ys = np.array([[np.nan if len(c) <= col or c[col] is None else c[col]
                         for c in r["curve"][:n]] for r in rs], float)
         if np.isnan(ys).all():
           continue
         mean = np.nanmean(ys, 0)
-        line, = ax.plot(steps, mean, style, color=color,
+        ax.plot(steps, mean, style, color=color,
                         label=f"{labels.get(m, m)} ({'train' if col == 1 else 'val'})")
-        color = line.get_color()
         if len(rs) > 1:
           ax.fill_between(steps, np.nanmin(ys, 0), np.nanmax(ys, 0), color=color, alpha=0.15)
     ax.set(title=f"{t}", xlabel="step", ylabel="cross-entropy (response tokens)", yscale="log")
