@@ -174,14 +174,13 @@ def main(argv):
     if executed not in fits:
       fits[executed] = fit(cfg, train, kw["page_size"], executed)
     err, hw = fits[executed]
-    if host:  # the engine's own host work per device step, measured on the warm-up run
+    if host:  # the engine's own host work per device step, measured on the calibration run
       hw = dataclasses.replace(hw, step_overhead_s=hw.step_overhead_s + host_s)
     sim = RooflineSimulator(cfg, hw, bytes_per_param=4, executed_shape=executed)
     for t in timed if not host else ():  # device steps: the host term does not apply
       t[f"predicted_s_{name}"] = sim.price(t["step"], kw["page_size"], True)
       t[f"rel_error_{name}"] = (t[f"predicted_s_{name}"] - t["measured_s"]) / t["measured_s"]
-    proj = Engine(cfg, base, num_pages=600, simulator=RooflineSimulator(
-        cfg, hw, bytes_per_param=4, executed_shape=executed), **kw)
+    proj = Engine(cfg, base, num_pages=600, simulator=sim, **kw)
     for a in ads:
       proj.add_adapter(a)
     m_proj = run_workload(proj, names, wfs)

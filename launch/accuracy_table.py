@@ -112,7 +112,7 @@ def main(argv):
   from tqdm.auto import tqdm
 
   from icarus_jax.checkpoints.assets import load_any_base, load_base_tokenizer
-  from icarus_jax.training.data import eval_prompts, examples_source, make_dataset
+  from icarus_jax.training.data import eval_prompts, example_text, examples_source, make_dataset
   from icarus_jax.training.finetune import TASK_SEQ_LEN, method_config, train_one
   from icarus_jax.model.generation import exact_match_accuracy
   from icarus_jax.training.objective import eval_loss
@@ -191,15 +191,12 @@ def main(argv):
         return
       import collections
       train = examples_source(task, "train", data_dir=tfds_dir, tfds_config=FLAGS.tfds_config)
-      def answer(ex):
-        r = ex["response"]
-        return r.decode("utf-8") if isinstance(r, bytes) else str(r)
-
-      answers = collections.Counter(answer(train[i]) for i in range(len(train)))
+      answers = collections.Counter(example_text(train[i]["response"])
+                                    for i in range(len(train)))
       guess = min(answers, key=lambda a: (-answers[a], a))  # ties: the first in sorted order
       test = examples_source(task, "test", data_dir=tfds_dir, tfds_config=FLAGS.tfds_config)
       n = min(FLAGS.eval_examples, len(test))  # the prompts the final runs are scored on
-      k = sum(answer(test[i]) == guess for i in range(n))
+      k = sum(example_text(test[i]["response"]) == guess for i in range(n))
       rec.update(test_acc=k / n, test_correct=k, test_n=n, val_acc=None, samples=[guess])
       append_record(jsonl, rec)
       done[key(rec)] = rec

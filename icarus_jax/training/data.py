@@ -18,7 +18,8 @@ import numpy as np
 from icarus_jax.errors import IcarusError
 
 
-def _text(x) -> str:
+def example_text(x) -> str:
+  """A TFDS string field (bytes) or a JSONL one (str) as text."""
   return x.decode("utf-8") if isinstance(x, (bytes, bytearray)) else str(x)
 
 
@@ -35,8 +36,8 @@ def encode_example(tok, example: dict, max_len: int, chat=None) -> tuple[np.ndar
 
   The prompt goes through ``prompt_ids`` (so a chat model trains on its own chat format); the
   response ends with the tokenizer's eos (a chat model's end-of-turn token)."""
-  prompt = _text(example.get("prompt", ""))
-  response = _text(example.get("response", ""))
+  prompt = example_text(example.get("prompt", ""))
+  response = example_text(example.get("response", ""))
   if not response:
     raise IcarusError(f"example has an empty response (prompt {prompt[:60]!r}); every training "
                       f"example needs a non-empty 'response'")
@@ -131,6 +132,6 @@ def eval_prompts(source, tok, limit: int | None = None, chat=None
   prompts, answers = [], []
   for i in range(n):
     ex = source[i]
-    prompts.append(prompt_ids(tok, _text(ex["prompt"]), chat))
-    answers.append(_text(ex["response"]))
+    prompts.append(prompt_ids(tok, example_text(ex["prompt"]), chat))
+    answers.append(example_text(ex["response"]))
   return prompts, answers
