@@ -48,11 +48,8 @@ flags.DEFINE_integer("seed", 0, "seed")
 
 
 def model():
-  from icarus_jax import init_base_params, tiny_config
-  d = FLAGS.d_model
-  cfg = tiny_config(d_model=d, num_layers=FLAGS.layers, num_heads=8, num_kv_heads=4,
-                    head_dim=d // 8, mlp_dim=3 * d, vocab_size=8192, max_seq_len=2048)
-  return cfg, init_base_params(cfg, jax.random.key(FLAGS.seed), scale=0.05)
+  from benchmarks.cpu_model import cpu_model
+  return cpu_model(FLAGS.d_model, FLAGS.layers, FLAGS.seed)
 
 
 def time_steps(eng, shapes):

@@ -34,10 +34,14 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from icarus_jax.bench.capacity import summarize
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("hardware", ["h100"], "Hardware presets (cost_model.HARDWARE).")
 flags.DEFINE_string("model", "llama-3.1-8b", "Model preset.")
-flags.DEFINE_list("workloads", ["agentic"], "Workload presets: agentic, paper, coding.")
+flags.DEFINE_list("workloads", ["agentic"], "Workload presets: agentic, coding, paper; "
+                  "agentic_roles / coding_roles route by role (planner / executor / critic, "
+                  "models revisited within a workflow) instead of round-robin.")
 flags.DEFINE_list("systems", ["icarus", "multi_lora", "instances_1gpu", "instances_eq",
                               "instances_ngpu"], "Systems to run.")
 flags.DEFINE_list("n_models", ["2", "4", "8"], "Numbers of models N.")
@@ -52,6 +56,9 @@ flags.DEFINE_string("out", "docs/results/workflow_claim.json", "Summary JSON (md
 flags.DEFINE_float("kv_gb", 0.0, "Single-engine systems: KV budget in GB instead of the "
                    "hardware-derived one (cost_model.kv_budget); e.g. 20 reproduces the old "
                    "docs/results/workflow.md projection.")
+flags.DEFINE_bool("mixed_steps", True, "Every system runs mixed steps (decode rows ride along "
+                  "prefill chunks, vLLM-V1 style); False reproduces the session-4 sweep. The "
+                  "summary uses only the points of this setting.")
 flags.DEFINE_bool("summarize_only", False, "Only rebuild tables, plots and summaries.")
 
 KEEP = ("completed", "failed", "failed_workflows", "workflow_throughput", "p50_workflow_latency_ms",
@@ -61,23 +68,25 @@ KEEP = ("completed", "failed", "failed_workflows", "workflow_throughput", "p50_w
         "p95_tpot_ms", "prefill_tokens_computed", "prompt_tokens", "cached_prompt_tokens",
         "pages_evicted", "preemptions", "engine_steps", "retention_hits", "retention_reclaimed",
         "duration")
-BASELINES = ("multi_lora", "instances_1gpu", "instances_eq", "instances_ngpu")
+
+
+WORKLOADS = ("agentic", "agentic_roles", "coding", "coding_roles", "paper")
 
 
 def workflows(workload: str, n: int, rate: float, seed: int, num: int, max_context: int):
   from icarus_jax.bench.workload import (AgentWorkloadConfig, WorkloadConfig, coding_agent_config,
                                    generate_agent_workflows, generate_workflows)
-  if workload == "agentic":
-    return generate_agent_workflows(AgentWorkloadConfig(num_workflows=num, num_models=n,
-                                                        request_rate=rate, seed=seed))
-  if workload == "coding":
-    return generate_agent_workflows(coding_agent_config(max_context, num_workflows=num,
-                                                        num_models=n, request_rate=rate, seed=seed))
+  routing = "roles" if workload.endswith("_roles") else "round_robin"
+  kw = dict(num_workflows=num, num_models=n, request_rate=rate, seed=seed, routing=routing)
+  if workload in ("agentic", "agentic_roles"):
+    return generate_agent_workflows(AgentWorkloadConfig(**kw))
+  if workload in ("coding", "coding_roles"):
+    return generate_agent_workflows(coding_agent_config(max_context, **kw))
   if workload == "paper":  # the old workload (docs/results/workflow.md's projection sizes)
     return generate_workflows(WorkloadConfig(
         num_workflows=num, num_models=n, request_rate=rate, num_turns=8, system_len=1024,
         context_len=512, header_len=64, output_len=128, observation_len=256, seed=seed))
-  raise ValueError(f"unknown workload {workload!r}")
+  raise ValueError(f"unknown workload {workload!r}; accepted: {WORKLOADS}")
 
 
 def build_system(system: str, cfg, hw, n: int):
@@ -95,14 +104,14 @@ def build_system(system: str, cfg, hw, n: int):
     pages = (int(FLAGS.kv_gb * 1e9 // (sim.kv_bytes_per_token * 16)) + 1 if FLAGS.kv_gb > 0
              else kv_budget(cfg, hw, adapter_slots=slots).kv_pages + 1)
     eng = Engine(cfg, None, mode=mode, num_pages=pages, max_adapters=slots, simulator=sim,
-                 mixed_steps=system == "icarus_mixed", **kw)
+                 mixed_steps=FLAGS.mixed_steps or system == "icarus_mixed", **kw)
     kind = "icarus_lora" if mode == "icarus" else "lora"
     for nm in names:
       eng.add_adapter(Adapter({}, AdapterConfig(name=nm, kind=kind)))
     return eng, names, 1
   gpus = {"instances_1gpu": 1, "instances_eq": min_gpus(cfg, hw, n), "instances_ngpu": n}[system]
   layout = instance_layout(cfg, hw, n, gpus)
-  return MultiInstance(cfg, hw, names, layout, **kw), names, gpus
+  return MultiInstance(cfg, hw, names, layout, mixed_steps=FLAGS.mixed_steps, **kw), names, gpus
 
 
 def run_points(log=print) -> None:
@@ -121,7 +130,7 @@ def run_points(log=print) -> None:
       r = json.loads(line)
       done.add(_key(r))
   todo = [dict(hardware=h, model=cfg.name, workload=w, system=s, n_models=int(n), rate=float(r),
-               seed=int(sd))
+               seed=int(sd), mixed_steps=FLAGS.mixed_steps)
           for h in FLAGS.hardware for w in FLAGS.workloads for n in FLAGS.n_models
           for sd in FLAGS.seeds for s in FLAGS.systems for r in FLAGS.rates]
   todo = [p for p in todo if _key(p) not in done]
@@ -153,94 +162,7 @@ def run_points(log=print) -> None:
 
 def _key(r) -> tuple:
   return (r["hardware"], r["model"], r["workload"], r["system"], r["n_models"],
-          float(r["rate"]), int(r["seed"]))
-
-
-# ------------------------------------------------------------------------------ summary
-def _ok(r) -> bool:
-  return "infeasible" not in r and r.get("steady_failed_workflows", 1) == 0
-
-
-def sustainable(rows: list[dict], slo_factor: float) -> dict:
-  """Rows of one (system, N, seed) over rates -> unloaded P95, max sustainable rate (largest
-  rate with every steady workflow done and steady P95 <= slo_factor x unloaded), max throughput."""
-  rows = sorted(rows, key=lambda r: r["rate"])
-  ok = [r for r in rows if _ok(r)]
-  if not ok:
-    reason = next((r["infeasible"] for r in rows if "infeasible" in r), "every point failed")
-    return {"feasible": False, "reason": reason}
-  unloaded = ok[0]["steady_p95_workflow_latency_ms"]
-  slo = slo_factor * unloaded
-  best = None
-  for r in rows:
-    if _ok(r) and r["steady_p95_workflow_latency_ms"] <= slo:
-      best = r
-    else:
-      break
-  return {"feasible": True, "unloaded_p95_ms": unloaded, "slo_ms": slo,
-          "max_sustainable_rate": best["rate"] if best else 0.0,
-          "max_throughput": max(r["workflow_throughput"] for r in ok)}
-
-
-def summarize(points: list[dict]) -> tuple[list[dict], list[dict]]:
-  """Per-(system, N, seed) capacities and the ICaRus-vs-baseline summary records."""
-  groups: dict = {}
-  for r in points:
-    groups.setdefault((r["hardware"], r["model"], r["workload"], r["system"], r["n_models"],
-                       r["seed"]), []).append(r)
-  caps = []
-  for (hw, model, wl, system, n, seed), rows in sorted(groups.items()):
-    caps.append(dict(hardware=hw, model=model, workload=wl, system=system, n_models=n,
-                     seed=seed, **sustainable(rows, FLAGS.slo_factor)))
-  idx = {(c["hardware"], c["workload"], c["system"], c["n_models"], c["seed"]): c for c in caps}
-  pts = {_key(r): r for r in points}
-  summary = []
-  for (hw, model, wl, n) in sorted({(c["hardware"], c["model"], c["workload"], c["n_models"])
-                                    for c in caps}):
-    for base in BASELINES:
-      per_seed = []
-      for seed in sorted({c["seed"] for c in caps}):
-        ic, bc = idx.get((hw, wl, "icarus", n, seed)), idx.get((hw, wl, base, n, seed))
-        if ic is None or bc is None:
-          continue
-        if not bc["feasible"] or not ic["feasible"]:
-          per_seed.append({"seed": seed, "baseline_infeasible": bc.get("reason"),
-                           "icarus_max_sustainable_rate": ic.get("max_sustainable_rate")})
-          continue
-        knee = bc["max_sustainable_rate"]
-        ri = pts.get((hw, model, wl, "icarus", n, knee, seed))
-        rb = pts.get((hw, model, wl, base, n, knee, seed))
-        rec = {"seed": seed, "baseline_knee_rate": knee,
-               "max_sustainable_rate_ratio": (ic["max_sustainable_rate"] / knee if knee
-                                              else math.inf),
-               "max_throughput_ratio": ic["max_throughput"] / bc["max_throughput"]}
-        # the paper's regime: the baseline past its knee, at the rate ICaRus still sustains
-        iknee = ic["max_sustainable_rate"]
-        ri2 = pts.get((hw, model, wl, "icarus", n, iknee, seed))
-        rb2 = pts.get((hw, model, wl, base, n, iknee, seed))
-        if ri2 and rb2 and "infeasible" not in rb2 and rb2.get("steady_p95_workflow_latency_ms"):
-          rec["p95_ratio_at_icarus_knee"] = (rb2["steady_p95_workflow_latency_ms"]
-                                             / ri2["steady_p95_workflow_latency_ms"])
-        if ri and rb and _ok(ri) and _ok(rb):
-          rec["p95_ratio_at_baseline_knee"] = (rb["steady_p95_workflow_latency_ms"]
-                                               / ri["steady_p95_workflow_latency_ms"])
-          rec["prefill_token_ratio"] = (rb["prefill_tokens_computed"]
-                                        / max(1, ri["prefill_tokens_computed"]))
-        per_seed.append(rec)
-      if not per_seed:
-        continue
-      out = {"hardware": hw, "model": model, "workload": wl, "baseline": base, "n_models": n,
-             "seeds": [p["seed"] for p in per_seed], "PROJECTION": True}
-      for k in ("p95_ratio_at_baseline_knee", "p95_ratio_at_icarus_knee", "max_sustainable_rate_ratio",
-                "max_throughput_ratio", "prefill_token_ratio"):
-        vals = [p[k] for p in per_seed if k in p and math.isfinite(p[k])]
-        out[k] = float(np.mean(vals)) if vals else None
-        out[k + "_std"] = float(np.std(vals)) if len(vals) > 1 else None
-      bad = [p["baseline_infeasible"] for p in per_seed if "baseline_infeasible" in p]
-      if bad:
-        out["baseline_infeasible"] = bad[0]
-      summary.append(out)
-  return caps, summary
+          float(r["rate"]), int(r["seed"]), bool(r.get("mixed_steps", False)))
 
 
 def plot(points: list[dict], path_stem: Path) -> list[str]:
@@ -283,7 +205,8 @@ def plot(points: list[dict], path_stem: Path) -> list[str]:
 
 def write_outputs() -> None:
   points = [json.loads(l) for l in Path(FLAGS.points).read_text().splitlines()]
-  caps, summary = summarize(points)
+  points = [r for r in points if bool(r.get("mixed_steps", False)) == FLAGS.mixed_steps]
+  caps, summary = summarize(points, FLAGS.slo_factor)
   out = Path(FLAGS.out)
   pngs = plot(points, out.with_suffix(""))
   doc = {"LABEL": "PROJECTION (roofline cost model on a virtual clock), not a measurement",
@@ -291,7 +214,7 @@ def write_outputs() -> None:
          "date": datetime.datetime.now().isoformat(timespec="seconds"),
          "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (simulation host)",
          "slo": f"steady P95 <= {FLAGS.slo_factor} x unloaded P95 (lowest rate)",
-         "points": len(points), "capacities": caps, "summary": summary, "plots": pngs}
+         "points": len(points), "mixed_steps": FLAGS.mixed_steps, "capacities": caps, "summary": summary, "plots": pngs}
   out.write_text(json.dumps(doc, indent=1))
   keys = ("hardware", "model", "workload", "baseline", "n_models", "p95_ratio_at_baseline_knee",
           "max_sustainable_rate_ratio", "max_throughput_ratio", "prefill_token_ratio", "seeds")

@@ -299,6 +299,30 @@ def test_compiled_programs_stay_within_buckets(setup):
   assert eng.num_buckets() == 3 * 7 * (2 + 1)  # batch {1,2,4} x pages {1..64} x T {8,16} + decode
 
 
+@pytest.mark.parametrize("mode,mixed", [("icarus", True),
+                                        pytest.param("isolated", False, marks=pytest.mark.slow)])
+def test_warm_up_compiles_every_program_a_run_needs_and_changes_no_output(setup, mode, mixed):
+  """After ``warm_up(max_context)``, a mixed workload within that context compiles nothing
+  (oracle: the jit cache's size), and its outputs still equal the naive reference although
+  warm-up wrote garbage K/V into free pages."""
+  eng = make_engine(setup, mode, max_batch=2, mixed_steps=mixed)
+  # B {1, 2} x pages {1, 2, 4, 8} x T {1, 8, 16}, less T = 16 on one page (needs 9+ tokens)
+  assert eng.warm_up(max_context=40) == 2 * (4 * 3 - 1)
+  compiled = eng.runner.compiled_steps()
+  names = [None, "agent0", "agent1", "agent2"]
+  rng = np.random.RandomState(3)
+  reqs = [(list(rng.randint(0, 256, rng.randint(1, 30))), names[i % 4], int(rng.randint(1, 10)))
+          for i in range(8)]
+  rids = [eng.submit(p, n, SamplingParams(max_tokens=k)) for p, n, k in reqs]
+  list(eng.run())
+  assert eng.runner.compiled_steps() == compiled
+  for rid, (p, n, k) in list(zip(rids, reqs))[:6]:
+    assert eng.outputs[rid].output_tokens == ref(setup, eng, n, p, k)
+  eng.submit([1, 2, 3], None, SamplingParams(max_tokens=2))
+  with pytest.raises(IcarusError, match="idle engine"):
+    eng.warm_up()
+
+
 def test_sampling_seeded_and_filters(setup):
   eng = make_engine(setup, "icarus")
   p = prompts(12, [9])[0]

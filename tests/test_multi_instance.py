@@ -14,7 +14,8 @@ from icarus_jax import IcarusError
 from icarus_jax.bench.harness import run_workflows
 from icarus_jax.model.config import ModelConfig
 from icarus_jax.serving.cost_model import HARDWARE, kv_budget
-from icarus_jax.bench.multi_instance import MultiInstance, instance_layout, min_gpus
+from icarus_jax.bench.multi_instance import (MultiInstance, SharedDeviceInstances,
+                                          instance_layout, min_gpus)
 from icarus_jax.serving.sampling import SamplingParams
 from icarus_jax.bench.workload import WorkloadConfig, generate_workflows
 
@@ -103,3 +104,40 @@ def test_multi_instance_runs_the_workflow_harness():
   assert m["completed"] == 12 and m["failed_workflows"] == 0
   assert m["p50_workflow_latency_ms"] > 0
   assert mi.snapshot()["instances"] == 2
+
+
+def test_shared_device_instances_serve_each_model_alone_one_step_at_a_time(tiny):
+  """The measured baseline (ii): two real full models with different weights. Oracle: each
+  model's own engine run alone on the same prompts (greedy). Every ``step`` runs exactly one
+  instance's step, so nothing is batched across models."""
+  import jax
+  import numpy as np
+
+  from icarus_jax.serving.engine import Engine
+  cfg, params = tiny
+  other = jax.tree.map(lambda x: x * 1.25, params)          # a second, different model
+  kw = dict(mode="isolated", num_pages=64, page_size=8, max_batch=4, prefill_chunk=16,
+            max_seq_len=128)
+  rng = np.random.RandomState(0)
+  prompts = [list(rng.randint(1, cfg.vocab_size, n)) for n in (5, 17, 9, 30)]
+  sp = SamplingParams(max_tokens=6)
+  solo = {m: [o.output_tokens for o in Engine(cfg, w, **kw).generate(prompts, sampling=sp)]
+          for m, w in (("a", params), ("b", other))}
+  assert solo["a"] != solo["b"]                              # the models really differ
+  sd = SharedDeviceInstances({"a": Engine(cfg, params, **kw), "b": Engine(cfg, other, **kw)})
+  rids = {(m, i): sd.submit(p, m, sp) for i, p in enumerate(prompts) for m in ("a", "b")}
+  got, calls = {}, 0
+  while sd.has_work:
+    before = {m: e.stats.steps for m, e in sd.instances.items()}
+    for out in sd.step():
+      got[out.request_id] = (out.adapter, out.output_tokens)
+    calls += 1
+    ran = [m for m, e in sd.instances.items() if e.stats.steps != before[m]]
+    assert len(ran) == 1, f"one step ran {ran}"
+  for (m, i), rid in rids.items():
+    assert got[rid] == (m, solo[m][i])
+  assert sd.stats.steps == calls
+  with pytest.raises(IcarusError, match="not one of"):
+    sd.submit(prompts[0], "c", sp)
+  with pytest.raises(IcarusError, match="mode='isolated'"):
+    SharedDeviceInstances({"a": Engine(cfg, params, **{**kw, "mode": "icarus"})})

@@ -131,3 +131,67 @@ def test_drop_namespace_frees_only_that_namespace_and_keeps_held_pages():
   assert cache.match("a", list(range(8))).pages == [a[0]]  # the held page stays reachable
   assert cache.match("b", list(range(8))).pages == b
   assert cache.drop_namespace("missing") == 0
+
+
+def _full_scan_eviction(cache, alloc, n):
+  """Oracle: the pages LRU eviction frees, found by scanning every cached node each time (what
+  ``evict`` did before it kept a leaf set)."""
+  nodes = {nd.page: (nd.last_access, id(nd), nd.parent.page if nd.parent.parent else None)
+           for nd in cache.page_to_node.values()}
+  children = {}
+  for p, (_, _, parent) in nodes.items():
+    if parent is not None:
+      children[parent] = children.get(parent, 0) + 1
+  freed = []
+  while len(freed) < n:
+    cand = [(la, i, p) for p, (la, i, _) in nodes.items()
+            if not children.get(p) and alloc.refcount[p] == 0]
+    if not cand:
+      break
+    _, _, p = min(cand)
+    parent = nodes.pop(p)[2]
+    if parent is not None:
+      children[parent] -= 1
+    freed.append(p)
+  return freed
+
+
+def test_random_operations_keep_the_leaf_set_and_evict_like_a_full_scan():
+  """Random inserts, matches, holds, releases, evictions and namespace drops on a tight pool:
+  after every operation the incremental leaf set and cached-page mask match a tree walk, the
+  unreferenced count matches the walk's evictable count, and every eviction frees exactly the
+  pages a full LRU scan picks."""
+  import random
+  rng = random.Random(0)
+  alloc, cache = make(num_pages=40)
+  held = []                                    # pages a pretend running sequence references
+  for _ in range(1500):
+    op = rng.random()
+    ns = rng.choice(["a", "b"])
+    toks = [rng.randrange(3) for _ in range(rng.randrange(1, 17))]
+    if op < 0.35:
+      need = -(-len(toks) // PS)
+      if need > alloc.num_free:
+        want = need - alloc.num_free
+        expect = _full_scan_eviction(cache, alloc, want)
+        assert cache.evict(want) == len(expect)
+        assert all(not cache.is_cached(p) and alloc.is_free(p) for p in expect)
+      if need <= alloc.num_free:
+        pages = own(alloc, cache, ns, toks)
+        assert all(alloc.is_free(p) or cache.is_cached(p) for p in pages)
+    elif op < 0.55:
+      m = cache.match(ns, toks)
+      if m.pages and rng.random() < 0.5:
+        alloc.incref(m.pages)
+        held.append(m.pages)
+    elif op < 0.75 and held:
+      alloc.decref(held.pop(rng.randrange(len(held))))
+    elif op < 0.9:
+      k = rng.randrange(1, 6)
+      expect = _full_scan_eviction(cache, alloc, k)
+      assert cache.evict(k) == len(expect)
+      assert all(not cache.is_cached(p) for p in expect)
+    elif op < 0.93:
+      cache.drop_namespace(ns)
+    cache.check_invariants()
+    assert cache.num_unreferenced() == cache.num_evictable()

@@ -852,6 +852,7 @@ class Engine:
     for p in np.nonzero(used)[0]:
       assert not self.alloc.is_free(int(p)), f"page {p} is free but in use"
     assert self.alloc.num_free + int(used[1:].sum()) == self.alloc.capacity
+    self.cache.check_invariants()
     assert self.cache.num_unreferenced() == self.cache.num_evictable(), \
         "an unreferenced cached page sits above a referenced one (not evictable)"
 
@@ -885,6 +886,39 @@ class Engine:
   def flush_cache(self) -> int:
     """Evicts every unreferenced cached page; returns how many were freed."""
     return self.cache.flush()
+
+  def warm_up(self, max_context: int | None = None, min_context: int = 1) -> int:
+    """Compiles every step program this engine can run for sequences of ``min_context`` to
+    ``max_context`` tokens (default: 1 to ``max_seq_len``): each (batch, new tokens, pages)
+    bucket, decode and prefill, and the sampler's batch buckets; so that no compile stalls a
+    measured run. Runs on an idle engine with an empty prefix cache (its garbage K/V lands in
+    free pages, which an owner overwrites before reading). Returns the number of step shapes."""
+    if self.has_work or self.cache.num_cached_pages:
+      raise IcarusError("warm_up needs an idle engine with an empty prefix cache")
+    ps, cap_pages = self.page_size, self.max_pages_per_seq
+    hi = min(max_context or self.max_seq_len, self.max_seq_len)
+    lo_p = step_batch.bucket(max(1, -(-min_context // ps)), cap_pages)
+    hi_p = step_batch.bucket(-(-hi // ps), cap_pages)
+    page_buckets = [P for P in step_batch.buckets(cap_pages) if lo_p <= P <= hi_p]
+    t_lo = min(8, self.prefill_chunk)
+    token_buckets = step_batch.buckets(self.prefill_chunk, lo=t_lo)
+    pages = [1 + i % (self.alloc.num_pages - 1) for i in range(cap_pages)]
+    greedy = SamplingParams(max_tokens=1)
+    shapes = 0
+    for B in step_batch.buckets(self.max_batch):
+      for P in page_buckets:
+        for decode, T in [(True, 1)] + [(False, T) for T in token_buckets]:
+          new = min(T, P * ps)
+          if not decode and new <= T // 2 and T > t_lo:
+            continue  # no row of this bucket fits P pages
+          rows = [StepRow([1] * (P * ps), P * ps - new, new, pages[:P], BASE_SLOT)] * B
+          step = step_batch.build(rows, decode=decode, max_batch=self.max_batch,
+                                  prefill_chunk=self.prefill_chunk, max_pages=cap_pages)
+          self.shapes_seen.add((self.mode, decode) + step.shape)
+          logits = self.runner.execute(step)
+          shapes += 1
+        self.runner.sample(logits, [(greedy, 0, i) for i in range(B)])
+    return shapes
 
   def num_buckets(self) -> int:
     """Upper bound on distinct step shapes (compiled programs) this engine can produce."""

@@ -55,6 +55,10 @@ class PrefixCache:
     self.alloc = allocator
     self.roots: dict[Hashable, Node] = {}
     self.page_to_node: dict[int, Node] = {}
+    # Kept in step with the tree so that eviction and its accounting never scan every cached
+    # page: the childless nodes (eviction candidates) and a cached-page mask over the pool.
+    self._leaves: set[Node] = set()
+    self._cached = np.zeros(allocator.num_pages, bool)
     self._clock = itertools.count(1)
     self.evicted_pages = 0
 
@@ -128,6 +132,9 @@ class PrefixCache:
         child = Node(chunk, page, node, ns, last_access=now)
         node.children[chunk] = child
         self.page_to_node[page] = child
+        self._cached[page] = True
+        self._leaves.add(child)
+        self._leaves.discard(node)
         added += 1
       else:
         child.last_access = now
@@ -148,10 +155,7 @@ class PrefixCache:
   def num_unreferenced(self) -> int:
     """Cached pages no running sequence references: exactly what eviction can free, because
     ``insert`` never hangs a sequence's page below a node that sequence does not hold."""
-    if not self.page_to_node:
-      return 0
-    pages = np.fromiter(self.page_to_node.keys(), np.int64, len(self.page_to_node))
-    return int((self.alloc.refcount[pages] == 0).sum())
+    return int(np.count_nonzero(self._cached & (self.alloc.refcount == 0)))
 
   def num_evictable(self) -> int:
     """Cached pages that eviction can free now: nodes whose whole subtree is unreferenced."""
@@ -173,13 +177,31 @@ class PrefixCache:
       walk(r)
     return total
 
+  def check_invariants(self) -> None:
+    """Asserts the leaf set and the cached-page mask agree with a walk of the trees."""
+    nodes = []
+
+    def walk(nd: Node) -> None:
+      for c in nd.children.values():
+        assert c.parent is nd, "child with a foreign parent"
+        nodes.append(c)
+        walk(c)
+
+    for r in self.roots.values():
+      walk(r)
+    assert {id(n) for n in nodes} == {id(n) for n in self.page_to_node.values()}, \
+        "page_to_node differs from the trees"
+    assert self._leaves == {n for n in nodes if not n.children}, "leaf set out of date"
+    mask = np.zeros_like(self._cached)
+    mask[[n.page for n in nodes]] = True
+    assert (mask == self._cached).all(), "cached-page mask out of date"
+
   def evict(self, n: int) -> int:
     """Frees up to ``n`` unreferenced cached pages, LRU leaves first. Returns pages freed."""
     if n <= 0:
       return 0
     rc = self.alloc.refcount
-    heap = [(nd.last_access, id(nd), nd) for nd in self.page_to_node.values()
-            if not nd.children and rc[nd.page] == 0]
+    heap = [(nd.last_access, id(nd), nd) for nd in self._leaves if rc[nd.page] == 0]
     heapq.heapify(heap)
     freed = 0
     while heap and freed < n:
@@ -194,8 +216,13 @@ class PrefixCache:
     return freed
 
   def _remove(self, nd: Node) -> None:
-    del nd.parent.children[nd.tokens]
+    parent = nd.parent
+    del parent.children[nd.tokens]
     del self.page_to_node[nd.page]
+    self._cached[nd.page] = False
+    self._leaves.discard(nd)
+    if not parent.children and parent.parent is not None:
+      self._leaves.add(parent)
 
   def drop_namespace(self, ns: Hashable) -> int:
     """Forgets every unreferenced page cached under ``ns`` (e.g. an unloaded adapter's K/V in

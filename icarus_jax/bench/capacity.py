@@ -1,0 +1,117 @@
+"""Capacity of a serving system from a rate sweep, and ICaRus-vs-baseline ratios.
+
+A *point* is one run of one system at one arrival rate: a dict with ``hardware``, ``model``,
+``workload``, ``system``, ``n_models``, ``rate``, ``seed`` and the harness's metrics
+(``bench.run_workflows``: ``steady_p95_workflow_latency_ms``, ``steady_failed_workflows``,
+``workflow_throughput``, ``prefill_tokens_computed``), or ``infeasible`` (the layout does not
+fit). The same functions summarize projections (``benchmarks/workflow_claim.py``) and
+measurements (``benchmarks/workflow_cpu.py``).
+
+SLO: the steady P95 of a system at a rate must be <= ``slo_factor`` x its unloaded P95 (the
+P95 at the lowest rate swept) with every steady workflow completed; the *max sustainable rate*
+is the largest swept rate before the first point that misses it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+BASELINES = ("multi_lora", "instances_1gpu", "instances_eq", "instances_ngpu")
+
+
+def point_key(r) -> tuple:
+  return (r["hardware"], r["model"], r["workload"], r["system"], r["n_models"],
+          float(r["rate"]), int(r["seed"]))
+
+
+def _ok(r) -> bool:
+  return "infeasible" not in r and r.get("steady_failed_workflows", 1) == 0
+
+
+def sustainable(rows: list[dict], slo_factor: float) -> dict:
+  """Rows of one (system, N, seed) over rates -> unloaded P95, max sustainable rate (largest
+  rate with every steady workflow done and steady P95 <= slo_factor x unloaded), max throughput."""
+  rows = sorted(rows, key=lambda r: r["rate"])
+  ok = [r for r in rows if _ok(r)]
+  if not ok:
+    reason = next((r["infeasible"] for r in rows if "infeasible" in r), "every point failed")
+    return {"feasible": False, "reason": reason}
+  unloaded = ok[0]["steady_p95_workflow_latency_ms"]
+  slo = slo_factor * unloaded
+  best = None
+  for r in rows:
+    if _ok(r) and r["steady_p95_workflow_latency_ms"] <= slo:
+      best = r
+    else:
+      break
+  return {"feasible": True, "unloaded_p95_ms": unloaded, "slo_ms": slo,
+          "max_sustainable_rate": best["rate"] if best else 0.0,
+          "max_throughput": max(r["workflow_throughput"] for r in ok)}
+
+
+def summarize(points: list[dict], slo_factor: float = 2.0, *, projection: bool = True
+              ) -> tuple[list[dict], list[dict]]:
+  """Per-(system, N, seed) capacities and the ICaRus-vs-baseline summary records (labelled
+  ``PROJECTION`` when ``projection``, else ``MEASURED``)."""
+  groups: dict = {}
+  for r in points:
+    groups.setdefault((r["hardware"], r["model"], r["workload"], r["system"], r["n_models"],
+                       r["seed"]), []).append(r)
+  caps = []
+  for (hw, model, wl, system, n, seed), rows in sorted(groups.items()):
+    caps.append(dict(hardware=hw, model=model, workload=wl, system=system, n_models=n,
+                     seed=seed, **sustainable(rows, slo_factor)))
+  idx = {(c["hardware"], c["workload"], c["system"], c["n_models"], c["seed"]): c for c in caps}
+  pts = {point_key(r): r for r in points}  # callers pass one setting's points
+  summary = []
+  for (hw, model, wl, n) in sorted({(c["hardware"], c["model"], c["workload"], c["n_models"])
+                                    for c in caps}):
+    for base in BASELINES:
+      per_seed = []
+      for seed in sorted({c["seed"] for c in caps}):
+        ic, bc = idx.get((hw, wl, "icarus", n, seed)), idx.get((hw, wl, base, n, seed))
+        if ic is None or bc is None:
+          continue
+        if not bc["feasible"] or not ic["feasible"]:
+          per_seed.append({"seed": seed, "baseline_infeasible": bc.get("reason"),
+                           "icarus_max_sustainable_rate": ic.get("max_sustainable_rate")})
+          continue
+        knee = bc["max_sustainable_rate"]
+        ri = pts.get((hw, model, wl, "icarus", n, knee, seed))
+        rb = pts.get((hw, model, wl, base, n, knee, seed))
+        rec = {"seed": seed, "baseline_knee_rate": knee,
+               "max_sustainable_rate_ratio": (ic["max_sustainable_rate"] / knee if knee
+                                              else math.inf),
+               "max_throughput_ratio": ic["max_throughput"] / bc["max_throughput"]}
+        # the paper's regime: the baseline past its knee, at the rate ICaRus still sustains
+        iknee = ic["max_sustainable_rate"]
+        ri2 = pts.get((hw, model, wl, "icarus", n, iknee, seed))
+        rb2 = pts.get((hw, model, wl, base, n, iknee, seed))
+        if ri2 and rb2 and "infeasible" not in rb2 and rb2.get("steady_p95_workflow_latency_ms"):
+          rec["p95_ratio_at_icarus_knee"] = (rb2["steady_p95_workflow_latency_ms"]
+                                             / ri2["steady_p95_workflow_latency_ms"])
+        if ri and rb and _ok(ri) and _ok(rb):
+          rec["p95_ratio_at_baseline_knee"] = (rb["steady_p95_workflow_latency_ms"]
+                                               / ri["steady_p95_workflow_latency_ms"])
+          rec["prefill_token_ratio"] = (rb["prefill_tokens_computed"]
+                                        / max(1, ri["prefill_tokens_computed"]))
+        per_seed.append(rec)
+      if not per_seed:
+        continue
+      out = {"hardware": hw, "model": model, "workload": wl, "baseline": base, "n_models": n,
+             "seeds": [p["seed"] for p in per_seed],
+             ("PROJECTION" if projection else "MEASURED"): True}
+      for k in ("p95_ratio_at_baseline_knee", "p95_ratio_at_icarus_knee", "max_sustainable_rate_ratio",
+                "max_throughput_ratio", "prefill_token_ratio"):
+        vals = [p[k] for p in per_seed if k in p and math.isfinite(p[k])]
+        out[k] = float(np.mean(vals)) if vals else None
+        out[k + "_std"] = float(np.std(vals)) if len(vals) > 1 else None
+      bad = [p["baseline_infeasible"] for p in per_seed if "baseline_infeasible" in p]
+      if bad:
+        out["baseline_infeasible"] = bad[0]
+      summary.append(out)
+  return caps, summary
+
+
