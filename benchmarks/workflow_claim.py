@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from icarus_jax.bench.capacity import summarize
+from icarus_jax.bench.capacity import merge_summary_file, plot_sweeps, summarize
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("hardware", ["h100"], "Hardware presets (cost_model.HARDWARE).")
@@ -165,50 +165,12 @@ def _key(r) -> tuple:
           float(r["rate"]), int(r["seed"]), bool(r.get("mixed_steps", False)))
 
 
-def plot(points: list[dict], path_stem: Path) -> list[str]:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  files = []
-  styles = {"icarus": ("C0", "-"), "multi_lora": ("C1", "--"), "instances_1gpu": ("C3", ":"),
-            "instances_eq": ("C2", "-."), "instances_ngpu": ("C4", (0, (1, 3))),
-            "icarus_unaware": ("C7", "-"), "icarus_mixed": ("C8", "-")}
-  for hw, wl in sorted({(r["hardware"], r["workload"]) for r in points}):
-    ns = sorted({r["n_models"] for r in points if r["hardware"] == hw and r["workload"] == wl})
-    fig, axes = plt.subplots(2, len(ns), figsize=(4.2 * len(ns), 7), squeeze=False)
-    for j, n in enumerate(ns):
-      for system, (c, ls) in styles.items():
-        rows = [r for r in points if (r["hardware"], r["workload"], r["system"], r["n_models"])
-                == (hw, wl, system, n) and "infeasible" not in r]
-        if not rows:
-          continue
-        rates = sorted({r["rate"] for r in rows})
-        p95 = [np.mean([r["steady_p95_workflow_latency_ms"] / 1e3 for r in rows
-                        if r["rate"] == x]) for x in rates]
-        thr = [np.mean([r["workflow_throughput"] for r in rows if r["rate"] == x]) for x in rates]
-        axes[0, j].plot(rates, p95, color=c, linestyle=ls, marker="o", ms=3, label=system)
-        axes[1, j].plot(rates, thr, color=c, linestyle=ls, marker="o", ms=3, label=system)
-      axes[0, j].set_yscale("log")
-      axes[0, j].set_title(f"N = {n}")
-      axes[0, j].set_ylabel("steady P95 workflow latency (s)")
-      axes[1, j].set_ylabel("workflows / s completed")
-      axes[1, j].set_xlabel("arrival rate (workflows / s)")
-      axes[0, j].legend(fontsize=7)
-    fig.suptitle(f"PROJECTION (roofline): {points[0]['model']} on {hw}, {wl} workload")
-    fig.tight_layout()
-    out = path_stem.with_name(f"{path_stem.name}_{hw}_{wl}.png")
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    files.append(str(out))
-  return files
-
-
 def write_outputs() -> None:
   points = [json.loads(l) for l in Path(FLAGS.points).read_text().splitlines()]
   points = [r for r in points if bool(r.get("mixed_steps", False)) == FLAGS.mixed_steps]
   caps, summary = summarize(points, FLAGS.slo_factor)
   out = Path(FLAGS.out)
-  pngs = plot(points, out.with_suffix(""))
+  pngs = plot_sweeps(points, out.with_suffix(""), "PROJECTION (roofline)")
   doc = {"LABEL": "PROJECTION (roofline cost model on a virtual clock), not a measurement",
          "command": "python -m benchmarks.workflow_claim " + " ".join(sys.argv[1:]),
          "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -216,14 +178,9 @@ def write_outputs() -> None:
          "slo": f"steady P95 <= {FLAGS.slo_factor} x unloaded P95 (lowest rate)",
          "points": len(points), "mixed_steps": FLAGS.mixed_steps, "capacities": caps, "summary": summary, "plots": pngs}
   out.write_text(json.dumps(doc, indent=1))
-  keys = ("hardware", "model", "workload", "baseline", "n_models", "p95_ratio_at_baseline_knee",
-          "max_sustainable_rate_ratio", "max_throughput_ratio", "prefill_token_ratio", "seeds")
   summary_name = ("workflow_summary.json" if out.stem == "workflow_claim"
                   else f"{out.stem}_summary.json")
-  (out.parent / summary_name).write_text(json.dumps(
-      [{**{k: s.get(k) for k in keys}, "PROJECTION": True,
-        **({"baseline_infeasible": s["baseline_infeasible"]} if "baseline_infeasible" in s
-           else {})} for s in summary], indent=1))
+  merge_summary_file(out.parent / summary_name, summary, measured=False)
   lines = ["| hardware | workload | N | system | seeds | unloaded P95 (s) | max sustainable rate "
            "(wf/s) | max throughput (wf/s) |", "| --- | --- | ---: | --- | --- | ---: | ---: | ---: |"]
   grouped: dict = {}

@@ -45,3 +45,20 @@ def test_ratios_at_the_baseline_knee_and_at_icarus_knee():
   assert inst["max_throughput_ratio"] is None
   assert {c["system"]: c.get("max_sustainable_rate") for c in caps} == {
       "icarus": 1.0, "multi_lora": 0.5, "instances_1gpu": None}
+
+
+def test_summary_file_keeps_the_other_kind_of_records(tmp_path):
+  import json
+
+  from icarus_jax.bench.capacity import merge_summary_file
+  path = tmp_path / "workflow_summary.json"
+  proj = [dict(hardware="h100", model="m", workload="w", baseline="multi_lora", n_models=8,
+               seeds=[0], max_throughput_ratio=2.0)]
+  meas = [dict(proj[0], hardware="cpu", max_throughput_ratio=1.5)]
+  merge_summary_file(path, proj, measured=False)
+  merge_summary_file(path, meas, measured=True)
+  merge_summary_file(path, [dict(proj[0], max_throughput_ratio=3.0)], measured=False)
+  recs = json.loads(path.read_text())
+  assert [(r["hardware"], r["max_throughput_ratio"], "MEASURED" in r) for r in recs] == [
+      ("cpu", 1.5, True), ("h100", 3.0, False)]
+  assert set(recs[0]) >= {"p95_ratio_at_baseline_knee", "prefill_token_ratio", "seeds"}

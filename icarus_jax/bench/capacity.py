@@ -14,7 +14,9 @@ is the largest swept rate before the first point that misses it.
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -115,3 +117,62 @@ def summarize(points: list[dict], slo_factor: float = 2.0, *, projection: bool =
   return caps, summary
 
 
+SUMMARY_KEYS = ("hardware", "model", "workload", "baseline", "n_models",
+                "p95_ratio_at_baseline_knee", "max_sustainable_rate_ratio", "max_throughput_ratio",
+                "prefill_token_ratio", "seeds")
+
+
+def merge_summary_file(path: Path, summary: list[dict], *, measured: bool) -> list[dict]:
+  """Writes ``summary`` (from :func:`summarize`) into the JSON list at ``path`` in the issue's
+  record format, replacing the records of the same kind (measured or projected) and keeping
+  the others, so the projection and the measurement each refresh their own half."""
+  label = "MEASURED" if measured else "PROJECTION"
+  path = Path(path)
+  old = json.loads(path.read_text()) if path.exists() else []
+  kept = [r for r in old if not r.get(label)]
+  new = [{**{k: s.get(k) for k in SUMMARY_KEYS}, label: True,
+          **({"baseline_infeasible": s["baseline_infeasible"]} if "baseline_infeasible" in s
+             else {})} for s in summary]
+  path.write_text(json.dumps(kept + new, indent=1))
+  return kept + new
+
+
+def plot_sweeps(points: list[dict], path_stem: Path, label: str) -> list[str]:
+  """P95 and throughput vs rate, every system, one column per N; one PNG per (hardware,
+  workload), named ``<stem>_<hardware>_<workload>.png``. ``label`` heads the title
+  (``PROJECTION (roofline)`` or ``MEASURED``)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  files = []
+  styles = {"icarus": ("C0", "-"), "multi_lora": ("C1", "--"), "instances_1gpu": ("C3", ":"),
+            "instances_eq": ("C2", "-."), "instances_ngpu": ("C4", (0, (1, 3))),
+            "icarus_unaware": ("C7", "-"), "icarus_mixed": ("C8", "-")}
+  for hw, wl in sorted({(r["hardware"], r["workload"]) for r in points}):
+    ns = sorted({r["n_models"] for r in points if r["hardware"] == hw and r["workload"] == wl})
+    fig, axes = plt.subplots(2, len(ns), figsize=(4.2 * len(ns), 7), squeeze=False)
+    for j, n in enumerate(ns):
+      for system, (c, ls) in styles.items():
+        rows = [r for r in points if (r["hardware"], r["workload"], r["system"], r["n_models"])
+                == (hw, wl, system, n) and "infeasible" not in r]
+        if not rows:
+          continue
+        rates = sorted({r["rate"] for r in rows})
+        p95 = [np.mean([r["steady_p95_workflow_latency_ms"] / 1e3 for r in rows
+                        if r["rate"] == x]) for x in rates]
+        thr = [np.mean([r["workflow_throughput"] for r in rows if r["rate"] == x]) for x in rates]
+        axes[0, j].plot(rates, p95, color=c, linestyle=ls, marker="o", ms=3, label=system)
+        axes[1, j].plot(rates, thr, color=c, linestyle=ls, marker="o", ms=3, label=system)
+      axes[0, j].set_yscale("log")
+      axes[0, j].set_title(f"N = {n}")
+      axes[0, j].set_ylabel("steady P95 workflow latency (s)")
+      axes[1, j].set_ylabel("workflows / s completed")
+      axes[1, j].set_xlabel("arrival rate (workflows / s)")
+      axes[0, j].legend(fontsize=7)
+    fig.suptitle(f"{label}: {points[0]['model']} on {hw}, {wl} workload")
+    fig.tight_layout()
+    out = path_stem.with_name(f"{path_stem.name}_{hw}_{wl}.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    files.append(str(out))
+  return files

@@ -72,8 +72,8 @@ def instance_layout(cfg: ModelConfig, hw: Hardware, n_models: int, gpus: int = 1
   kv = (hw.memory_bytes * utilization - k * sim.weight_bytes - k * act) / k
   if kv <= 0:
     raise IcarusError(f"{k} instances of {cfg.name} do not fit one {hw.name}: weights "
-                      f"{k * sim.weight_bytes / 1e9:.1f} GB + workspaces {k * act / 1e9:.1f} GB "
-                      f"exceed {utilization:.0%} of {hw.memory_bytes / 1e9:.0f} GB")
+                      f"{k * sim.weight_bytes / 1e9:.4g} GB + workspaces {k * act / 1e9:.4g} GB "
+                      f"exceed {utilization:.0%} of {hw.memory_bytes / 1e9:.4g} GB")
   pages = int(kv // (sim.kv_bytes_per_token * page_size))
   return InstanceLayout(n_models, gpus, per_gpu, pages, kv, sim.weight_bytes, act)
 

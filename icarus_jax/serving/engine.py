@@ -890,7 +890,7 @@ class Engine:
   def warm_up(self, max_context: int | None = None, min_context: int = 1) -> int:
     """Compiles every step program this engine can run for sequences of ``min_context`` to
     ``max_context`` tokens (default: 1 to ``max_seq_len``): each (batch, new tokens, pages)
-    bucket, decode and prefill, and the sampler's batch buckets; so that no compile stalls a
+    bucket, decode and prefill, the sampler's batch buckets and the page copy; so that no compile stalls a
     measured run. Runs on an idle engine with an empty prefix cache (its garbage K/V lands in
     free pages, which an owner overwrites before reading). Returns the number of step shapes."""
     if self.has_work or self.cache.num_cached_pages:
@@ -918,6 +918,8 @@ class Engine:
           logits = self.runner.execute(step)
           shapes += 1
         self.runner.sample(logits, [(greedy, 0, i) for i in range(B)])
+    if self.alloc.num_pages > 2:
+      self.runner.copy_page(1, 2)  # the copy-on-write of a partial prefix hit
     return shapes
 
   def num_buckets(self) -> int:
