@@ -6,7 +6,8 @@ the real engine on the wall clock, N = 2, 4, 8.
 
 The model is ``benchmarks.cpu_model`` (~34M parameters, float32: compute, not dispatch,
 dominates a step; the size ``cost_model_cpu`` validated the roofline on). Systems, every one in
-the harness of the projection (``bench.run_workflows``, workflow-aware, mixed steps):
+the harness of the projection (``bench.run_workflows``, workflow-aware; mixed steps only with
+``--mixed_steps``, see the flag):
 
   icarus          one engine, one shared KV cache, N ICaRus-LoRA adapters
   multi_lora      baseline (i): one engine, N conventional LoRA adapters (k/v included)
@@ -55,6 +56,9 @@ flags.DEFINE_integer("d_model", 512, "Model width (benchmarks.cpu_model).")
 flags.DEFINE_integer("layers", 8, "Model layers.")
 flags.DEFINE_integer("max_batch", 8, "Max running requests per engine.")
 flags.DEFINE_integer("prefill_chunk", 128, "Max new tokens per row per prefill call.")
+flags.DEFINE_bool("mixed_steps", False, "Decode rows ride along prefill chunks. Off by default "
+                  "here: XLA:CPU runs the bucketed dense program, so a decode row riding in a "
+                  "prefill step costs a whole padded chunk (see docs/results/workflow.md).")
 flags.DEFINE_float("slo_factor", 2.0, "SLO: steady P95 <= slo_factor x the unloaded P95.")
 flags.DEFINE_string("points", "docs/results/workflow_cpu_claim.points.jsonl", "Resumable points.")
 flags.DEFINE_string("out", "docs/results/workflow_cpu_claim.json", "Summary JSON (md, png beside).")
@@ -103,7 +107,7 @@ def build(system: str, cfg, base, n: int):
   hw = device(cfg)
   names = [f"model{i}" for i in range(n)]
   kw = dict(page_size=PAGE, max_batch=FLAGS.max_batch, prefill_chunk=FLAGS.prefill_chunk,
-            max_seq_len=MAX_SEQ, mixed_steps=True, max_adapters=max(8, n))
+            max_seq_len=MAX_SEQ, mixed_steps=FLAGS.mixed_steps, max_adapters=max(8, n))
   act_tokens = FLAGS.max_batch * FLAGS.prefill_chunk
   if system in ("icarus", "multi_lora"):
     budget = kv_budget(cfg, hw, bytes_per_param=4, max_tokens_per_step=act_tokens,
@@ -125,7 +129,7 @@ def build(system: str, cfg, base, n: int):
 
 
 def _key(r) -> tuple:
-  return (r["system"], r["n_models"], float(r["rate"]), int(r["seed"]))
+  return (r["system"], r["n_models"], float(r["rate"]), int(r["seed"]), bool(r["mixed_steps"]))
 
 
 def run_points(cfg, base) -> None:
@@ -136,7 +140,8 @@ def run_points(cfg, base) -> None:
   path = Path(FLAGS.points)
   path.parent.mkdir(parents=True, exist_ok=True)
   done = {_key(json.loads(l)) for l in path.read_text().splitlines()} if path.exists() else set()
-  todo = [dict(system=s, n_models=int(n), rate=float(r), seed=int(sd))
+  todo = [dict(system=s, n_models=int(n), rate=float(r), seed=int(sd),
+               mixed_steps=FLAGS.mixed_steps)
           for n in FLAGS.n_models for sd in FLAGS.seeds for s in FLAGS.systems
           for r in FLAGS.rates]
   todo = [p for p in todo if _key(p) not in done]
@@ -148,7 +153,7 @@ def run_points(cfg, base) -> None:
       wfs, wcfg = workload(p["n_models"], p["rate"], p["seed"])
       rec = dict(hardware="cpu", model=f"cpu-{n_params / 1e6:.0f}M", workload="agentic_cpu", **p,
                  workflows=FLAGS.workflows, scale=FLAGS.scale, tool_scale=FLAGS.tool_scale,
-                 memory_factor=FLAGS.memory_factor, mixed_steps=True)
+                 memory_factor=FLAGS.memory_factor)
       try:
         eng, names, engines, pages = build(p["system"], cfg, base, p["n_models"])
       except (IcarusError, ValueError) as e:  # the layout does not fit the device's memory
@@ -171,6 +176,7 @@ def run_points(cfg, base) -> None:
 
 def write_outputs(cfg) -> None:
   points = [json.loads(l) for l in Path(FLAGS.points).read_text().splitlines()]
+  points = [r for r in points if r["mixed_steps"] == FLAGS.mixed_steps]
   caps, summary = summarize(points, FLAGS.slo_factor, projection=False)
   out = Path(FLAGS.out)
   pngs = plot_sweeps(points, out.with_suffix(""), "MEASURED (real engine, wall clock)")
