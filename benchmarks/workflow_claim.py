@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from icarus_jax.bench.capacity import merge_summary_file, plot_sweeps, summarize
+from icarus_jax.bench.capacity import POINT_METRICS, merge_summary_file, plot_sweeps, summarize
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("hardware", ["h100"], "Hardware presets (cost_model.HARDWARE).")
@@ -61,13 +61,6 @@ flags.DEFINE_bool("mixed_steps", True, "Every system runs mixed steps (decode ro
                   "summary uses only the points of this setting.")
 flags.DEFINE_bool("summarize_only", False, "Only rebuild tables, plots and summaries.")
 
-KEEP = ("completed", "failed", "failed_workflows", "workflow_throughput", "p50_workflow_latency_ms",
-        "p95_workflow_latency_ms", "p99_workflow_latency_ms", "steady_p50_workflow_latency_ms",
-        "steady_p95_workflow_latency_ms", "steady_p99_workflow_latency_ms", "steady_workflows",
-        "steady_failed_workflows", "median_ttft_ms", "p95_ttft_ms", "median_tpot_ms",
-        "p95_tpot_ms", "prefill_tokens_computed", "prompt_tokens", "cached_prompt_tokens",
-        "pages_evicted", "preemptions", "engine_steps", "retention_hits", "retention_reclaimed",
-        "duration")
 
 
 WORKLOADS = ("agentic", "agentic_roles", "coding", "coding_roles", "paper")
@@ -154,7 +147,7 @@ def run_points(log=print) -> None:
                           32768)
           m = run_workflows(eng, wfs, names, workflow_aware=p["system"] != "icarus_unaware",
                             retain_s=FLAGS.retain_s)
-          rec.update({k: m.get(k) for k in KEEP}, gpus=gpus)
+          rec.update({k: m.get(k) for k in POINT_METRICS}, gpus=gpus)
       rec["wall_s"] = round(time.time() - t0, 2)
       f.write(json.dumps(rec) + "\n")
       f.flush()

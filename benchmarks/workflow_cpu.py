@@ -41,14 +41,14 @@ from pathlib import Path
 import jax
 from absl import app, flags
 
-from icarus_jax.bench.capacity import merge_summary_file, plot_sweeps, summarize
+from icarus_jax.bench.capacity import POINT_METRICS, merge_summary_file, plot_sweeps, summarize
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("systems", ["icarus", "multi_lora", "instances_1gpu"], "Systems to run.")
 flags.DEFINE_list("n_models", ["2", "4", "8"], "Numbers of models N.")
-flags.DEFINE_list("rates", ["0.25", "0.5", "1.0", "2.0"], "Workflow arrival rates (workflows / s).")
+flags.DEFINE_list("rates", ["0.25", "0.35", "0.5", "1.0"], "Workflow arrival rates (workflows / s).")
 flags.DEFINE_list("seeds", ["0"], "Workload seeds.")
-flags.DEFINE_integer("workflows", 16, "Workflows per point.")
+flags.DEFINE_integer("workflows", 20, "Workflows per point.")
 flags.DEFINE_float("scale", 0.08, "Token lengths of the agentic preset x this.")
 flags.DEFINE_float("tool_scale", 0.25, "Tool latencies (and the retention TTL) x this.")
 flags.DEFINE_float("memory_factor", 5.0, "Device memory = this x the model's weights.")
@@ -66,13 +66,6 @@ flags.DEFINE_string("compilation_cache", "runs/jax_cache", "JAX persistent compi
                     "('' for none): a second run loads the step programs instead of compiling.")
 flags.DEFINE_bool("summarize_only", False, "Only rebuild tables, plots and summaries.")
 
-KEEP = ("completed", "failed", "failed_workflows", "workflow_throughput", "p50_workflow_latency_ms",
-        "p95_workflow_latency_ms", "steady_p50_workflow_latency_ms",
-        "steady_p95_workflow_latency_ms", "steady_p99_workflow_latency_ms", "steady_workflows",
-        "steady_failed_workflows", "median_ttft_ms", "p95_ttft_ms", "median_tpot_ms",
-        "p95_tpot_ms", "prefill_tokens_computed", "prompt_tokens", "cached_prompt_tokens",
-        "pages_evicted", "preemptions", "engine_steps", "retention_hits", "retention_reclaimed",
-        "duration")
 PAGE = 16
 MAX_SEQ = 2048
 
@@ -167,7 +160,7 @@ def run_points(cfg, base) -> None:
             warmed.add(fam)
         compiled = engines[0].runner.compiled_steps()
         m = run_workflows(eng, wfs, names, workflow_aware=True, retain_s=3.0 * FLAGS.tool_scale)
-        rec.update({k: m.get(k) for k in KEEP}, kv_pages=pages,
+        rec.update({k: m.get(k) for k in POINT_METRICS}, kv_pages=pages,
                    compiles_during_run=engines[0].runner.compiled_steps() - compiled)
       rec["wall_s"] = round(time.time() - t0, 2)
       f.write(json.dumps(rec) + "\n")

@@ -323,6 +323,16 @@ def test_warm_up_compiles_every_program_a_run_needs_and_changes_no_output(setup,
     eng.warm_up()
 
 
+def test_warm_up_rejects_an_empty_context_range(setup):
+  eng = make_engine(setup, "icarus", max_batch=2)
+  before = eng.runner.compiled_steps()
+  with pytest.raises(ValueError, match="min_context <= max_context.*min_context=30, max_context=20"):
+    eng.warm_up(max_context=20, min_context=30)
+  with pytest.raises(ValueError, match="got min_context=0"):
+    eng.warm_up(min_context=0)
+  assert eng.runner.compiled_steps() == before and not eng.shapes_seen  # nothing was run
+
+
 def test_sampling_seeded_and_filters(setup):
   eng = make_engine(setup, "icarus")
   p = prompts(12, [9])[0]

@@ -195,3 +195,48 @@ def test_random_operations_keep_the_leaf_set_and_evict_like_a_full_scan():
       cache.drop_namespace(ns)
     cache.check_invariants()
     assert cache.num_unreferenced() == cache.num_evictable()
+
+
+def _tree(cache):
+  """Every cached path as (namespace, tokens..., page) tuples: a hashable picture of the trees."""
+  out = set()
+
+  def walk(nd, path):
+    for c in nd.children.values():
+      out.add((nd.namespace,) + path + c.tokens + (c.page,))
+      walk(c, path + c.tokens)
+
+  for r in cache.roots.values():
+    walk(r, ())
+  return out
+
+
+def test_insert_cursor_resumes_where_it_stopped_and_ignores_a_stale_cursor():
+  from icarus_jax.serving.prefix_cache import InsertCursor
+  alloc_a, a = make(32)
+  alloc_b, b = make(32)
+  tokens = list(range(100, 126))  # 6 full pages + 2 tokens
+  pages_a = alloc_a.allocate(7)
+  pages_b = alloc_b.allocate(7)
+  assert pages_a == pages_b
+  cur = InsertCursor()
+  for n in (5, 9, 9, 16, 23, 26):  # the sequence grows; each insert records its full pages
+    a.insert("ns", tokens[:n], pages_a, include_partial=False, cursor=cur)
+    b.insert("ns", tokens[:n], pages_b, include_partial=False)
+    assert _tree(a) == _tree(b)
+    assert cur.pages == n // PS and a.page_to_node[pages_a[cur.pages - 1]] is cur.node
+  a.check_invariants()
+  # Preempted: its pages are dropped and evicted; the cursor now points at a removed node.
+  alloc_a.decref(pages_a)
+  assert a.evict(100) == 6
+  assert cur.node.page not in a.page_to_node
+  pages2 = alloc_a.allocate(7)
+  added = a.insert("ns", tokens, pages2, include_partial=True, cursor=cur)
+  assert added == 7  # walked from the root, not from the stale node
+  assert {n.page for n in a.page_to_node.values()} == set(pages2)
+  a.check_invariants()
+  # A cursor from another namespace is ignored too.
+  other = InsertCursor(a.page_to_node[pages2[0]], 1)
+  assert a.insert("other", tokens[:8], alloc_a.allocate(2), include_partial=False,
+                  cursor=other) == 2
+  assert len(a.roots["other"].children) == 1

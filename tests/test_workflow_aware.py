@@ -5,9 +5,11 @@ Oracles: the distributions' stated parameters (medians, clips, ranges), the same
 retention (for what retention must change), and the naive reference (outputs unchanged).
 """
 
+import dataclasses
 import math
 
 import jax
+
 import numpy as np
 import pytest
 
@@ -80,6 +82,34 @@ def test_coding_preset_matches_traces_and_scales_to_context():
   lens = [len(w.prompt_for(len(w.turns) - 1, [[0] * t.max_tokens for t in w.turns]))
           for w in generate_agent_workflows(small)]
   assert np.median(lens) < 8192                                     # typical workflow fits
+
+
+def _final_len(w):
+  """Tokens of a workflow's last prompt plus its output (every output at its max_tokens)."""
+  return len(w.prompt_for(len(w.turns) - 1, [[0] * t.max_tokens for t in w.turns])) \
+      + w.turns[-1].max_tokens
+
+
+def test_coding_preset_ends_a_workflow_at_the_context_limit():
+  cfg = coding_agent_config(8192, num_workflows=300, seed=5)
+  assert cfg.max_context == 8192
+  cut = generate_agent_workflows(cfg)
+  free = generate_agent_workflows(dataclasses.replace(cfg, max_context=None))
+  assert max(_final_len(w) for w in cut) <= 8192
+  over = [i for i, w in enumerate(free) if _final_len(w) > 8192]
+  assert 0 < len(over) < 0.1 * len(free)                  # the long tail only, 1-10%
+  for i, (a, b) in enumerate(zip(cut, free)):
+    if i not in over:
+      assert a == b                                        # same draws where it fits
+      continue
+    k = len(a.turns)
+    assert 1 <= k < len(b.turns) and a.turns[:k - 1] == b.turns[:k - 1]
+    assert a.turns[-1].observation == () and a.turns[-1].tool_latency == 0.0
+    assert a.turns[-1].header == b.turns[k - 1].header
+    # the next turn of the uncut workflow would not have fit
+    assert _final_len(dataclasses.replace(b, turns=b.turns[:k + 1])) > 8192
+  with pytest.raises(IcarusError, match="first turn needs .* more than max_context=100"):
+    generate_agent_workflows(dataclasses.replace(cfg, max_context=100))
 
 
 # ------------------------------------------------------------------------------ retention

@@ -23,6 +23,17 @@ import numpy as np
 BASELINES = ("multi_lora", "instances_1gpu", "instances_eq", "instances_ngpu")
 
 
+# The metrics of one sweep point that the benchmarks keep (from ``bench.metrics``' summary).
+POINT_METRICS = (
+    "completed", "failed", "failed_workflows", "workflow_throughput", "p50_workflow_latency_ms",
+    "p95_workflow_latency_ms", "p99_workflow_latency_ms", "steady_p50_workflow_latency_ms",
+    "steady_p95_workflow_latency_ms", "steady_p99_workflow_latency_ms", "steady_workflows",
+    "steady_failed_workflows", "median_ttft_ms", "p95_ttft_ms", "median_tpot_ms",
+    "p95_tpot_ms", "prefill_tokens_computed", "prompt_tokens", "cached_prompt_tokens",
+    "pages_evicted", "preemptions", "engine_steps", "retention_hits", "retention_reclaimed",
+    "duration")
+
+
 def point_key(r) -> tuple:
   return (r["hardware"], r["model"], r["workload"], r["system"], r["n_models"],
           float(r["rate"]), int(r["seed"]))

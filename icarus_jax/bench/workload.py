@@ -155,8 +155,13 @@ class AgentWorkloadConfig:
   seed: int = 0
   token_low: int = 32
   token_high: int = 127
+  # A workflow ends at the last turn whose prompt plus output fits this many tokens (the model's
+  # window), as a coding agent stops or compacts when its context is full; None: never cut.
+  max_context: int | None = None
 
   def __post_init__(self):
+    if self.max_context is not None and self.max_context < 1:
+      raise IcarusError(f"max_context must be >= 1 or None, got {self.max_context}")
     if self.routing not in ROUTINGS:
       raise IcarusError(f"routing={self.routing!r}; accepted: {ROUTINGS}")
     if self.num_models < 1 or self.num_workflows < 1:
@@ -175,7 +180,10 @@ class AgentWorkloadConfig:
 
 
 def coding_agent_config(max_context: int, **kw) -> AgentWorkloadConfig:
-  """The coding-agent preset scaled so the longest workflow fits ``max_context`` tokens.
+  """The coding-agent preset scaled so that a typical workflow (every length at its median,
+  the most turns) fills 90% of ``max_context`` tokens. The long tail does not fit at that scale;
+  such a workflow ends at its last turn that fits (``AgentWorkloadConfig.max_context``), as a
+  coding agent stops or compacts when its window is full.
 
   Unscaled (TraceLab, docs/benchmarks.md): ~19K-token system prompt + tool definitions, 16-30
   turns, ~870 new tokens per call (here: the tool observation), output median ~250 with p90
@@ -190,7 +198,8 @@ def coding_agent_config(max_context: int, **kw) -> AgentWorkloadConfig:
   typical = (base.system_len[1] + base.task_len[1]
              + n * (base.header_len + 2 * base.action.median + 1.5 * base.observation.median))
   scale = min(1.0, 0.9 * max_context / typical)
-  return dataclasses.replace(base, scale=kw.get("scale", scale))
+  return dataclasses.replace(base, scale=kw.get("scale", scale),
+                             max_context=kw.get("max_context", max_context))
 
 
 def _log_uniform(rng, lo: float, hi: float) -> float:
@@ -224,8 +233,29 @@ def generate_agent_workflows(cfg: AgentWorkloadConfig) -> list[Workflow]:
                         () if last else tok(cfg.observation.sample(rng, cfg.scale)),
                         cfg.action.sample(rng, cfg.scale),
                         0.0 if last else _log_uniform(rng, *cfg.tool_latency)))
+    if cfg.max_context is not None:
+      turns = _fit_context(turns, len(system) + len(task), cfg.max_context, w)
     out.append(Workflow(w, t, system + task, tuple(turns)))
   return out
+
+
+def _fit_context(turns: list[Turn], prefix_len: int, max_context: int, wid: int) -> list[Turn]:
+  """The turns whose prompt plus output fit ``max_context`` tokens; the last one kept becomes
+  the workflow's last turn (no observation, no tool wait). Every draw was made before, so the
+  workflows that fit are the same with or without a limit."""
+  ctx, keep = prefix_len, 0
+  for tr in turns:
+    if ctx + len(tr.header) + tr.max_tokens > max_context:
+      break
+    ctx += len(tr.header) + tr.max_tokens + len(tr.observation)
+    keep += 1
+  if keep == 0:
+    raise IcarusError(f"workflow {wid}: its first turn needs {prefix_len + len(turns[0].header)}"
+                      f" + {turns[0].max_tokens} tokens, more than max_context={max_context}")
+  if keep == len(turns):
+    return turns
+  return turns[:keep - 1] + [dataclasses.replace(turns[keep - 1], observation=(),
+                                                 tool_latency=0.0)]
 
 
 PRESETS = ("paper", "agentic", "coding")

@@ -38,7 +38,7 @@ from icarus_jax.model.config import ModelConfig
 from icarus_jax.errors import IcarusError, RequestTooLargeError, UnknownAdapterError
 from icarus_jax.serving.page_allocator import PageAllocator
 from icarus_jax.model.params import Params
-from icarus_jax.serving.prefix_cache import PrefixCache
+from icarus_jax.serving.prefix_cache import InsertCursor, PrefixCache
 from icarus_jax.serving.engine_config import EngineConfig
 from icarus_jax.serving.runner import DeviceRunner, RooflineRunner, Runner
 from icarus_jax.serving.sampling import SamplingParams
@@ -85,6 +85,7 @@ class _Seq:
   session: Hashable | None = None
   retain_s: float = 0.0
   priority: int = 0
+  cache_cursor: InsertCursor = dataclasses.field(default_factory=InsertCursor)
 
   @property
   def num_output(self) -> int:
@@ -488,6 +489,7 @@ class Engine:
     """Gives the sequence's computed pages to the prefix cache and drops its references
     (``retain``: the session keeps the cached ones, see ``submit``)."""
     if seq.page_table:
+      # No cursor: the whole path is walked so that every node's access time is refreshed.
       self.cache.insert(seq.ns, computed_tokens, seq.page_table, include_partial=True)
       if retain:
         self._retain(seq)
@@ -703,7 +705,8 @@ class Engine:
                  and id(s) not in riding]
       if done:
         for s, _ in done:  # full pages of the prompt become shareable right away
-          self.cache.insert(s.ns, s.tokens[:s.num_computed], s.page_table, include_partial=False)
+          self.cache.insert(s.ns, s.tokens[:s.num_computed], s.page_table, include_partial=False,
+                            cursor=s.cache_cursor)
         lg = self.runner.stack([d[1] for d in done])
         self._sample_and_append([d[0] for d in done], lg)
 
@@ -897,6 +900,10 @@ class Engine:
       raise IcarusError("warm_up needs an idle engine with an empty prefix cache")
     ps, cap_pages = self.page_size, self.max_pages_per_seq
     hi = min(max_context or self.max_seq_len, self.max_seq_len)
+    if not 1 <= min_context <= hi:
+      raise ValueError(f"warm_up: need 1 <= min_context <= max_context (capped at max_seq_len="
+                       f"{self.max_seq_len}); got min_context={min_context}, "
+                       f"max_context={max_context}")
     lo_p = step_batch.bucket(max(1, -(-min_context // ps)), cap_pages)
     hi_p = step_batch.bucket(-(-hi // ps), cap_pages)
     page_buckets = [P for P in step_batch.buckets(cap_pages) if lo_p <= P <= hi_p]

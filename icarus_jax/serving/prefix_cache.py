@@ -48,6 +48,18 @@ class Match:
     return len(self.pages) * page_size + self.partial_tokens
 
 
+@dataclasses.dataclass
+class InsertCursor:
+  """Where a sequence's last ``insert`` stopped: the first ``pages`` entries of its page table
+  are in the tree, the last of them at ``node``. A later ``insert`` of the same (grown) token
+  list resumes there instead of walking the whole context again. Checked before use: a cursor
+  whose page is no longer cached at ``node`` (the sequence was preempted, the page evicted)
+  is ignored."""
+
+  node: Node | None = None
+  pages: int = 0
+
+
 class PrefixCache:
 
   def __init__(self, page_size: int, allocator: PageAllocator):
@@ -108,18 +120,29 @@ class PrefixCache:
         m.partial_page, m.partial_tokens, m.partial_node = best.page, best_n, best
     return m
 
-  def insert(self, ns: Hashable, tokens, pages: list[int], *, include_partial: bool) -> int:
+  def insert(self, ns: Hashable, tokens, pages: list[int], *, include_partial: bool,
+             cursor: InsertCursor | None = None) -> int:
     """Records that ``pages`` hold the K/V of ``tokens`` (page j holds tokens[j*ps:(j+1)*ps]).
 
     Full pages always; the trailing partial page only with ``include_partial`` (its owner will
     not write it again). Pages already cached under the same tokens are left as they are.
+    ``cursor`` (owned by one sequence, whose ``tokens`` only grow) skips the pages a previous
+    call already recorded and is advanced; the skipped nodes keep their access time, which
+    only matters once they are unreferenced, and the owner's final insert (without a cursor,
+    when it releases its pages) refreshes them.
     Returns the number of newly cached pages.
     """
     ps = self.page_size
     node = self._root(ns)
+    start = 0
+    if (cursor is not None and 0 < cursor.pages <= len(pages) and cursor.node is not None
+        and cursor.node.namespace == ns
+        and self.page_to_node.get(pages[cursor.pages - 1]) is cursor.node):
+      node, start = cursor.node, cursor.pages
     now = next(self._clock)
     added = 0
-    for j, page in enumerate(pages):
+    for j in range(start, len(pages)):
+      page = pages[j]
       chunk = tuple(tokens[j * ps:(j + 1) * ps])
       if not chunk:
         break
@@ -146,6 +169,8 @@ class PrefixCache:
       if len(chunk) < ps:
         break
       node = child
+      if cursor is not None:
+        cursor.node, cursor.pages = child, j + 1
     return added
 
   def is_cached(self, page: int) -> bool:
