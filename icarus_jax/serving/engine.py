@@ -531,6 +531,8 @@ class Engine:
       self.runner.copy_page(m.partial_page, private[0])  # copy-on-write of the partial match
       self.alloc.decref([m.partial_page])
     seq.page_table = list(shared) + private
+    # the matched full pages are in the tree already: a later insert starts after them
+    seq.cache_cursor = InsertCursor(m.nodes[-1] if m.nodes else None, len(m.nodes))
     hit = m.num_tokens(ps)
     seq.num_computed = hit
     if not seq.admitted_once:
@@ -705,8 +707,8 @@ class Engine:
                  and id(s) not in riding]
       if done:
         for s, _ in done:  # full pages of the prompt become shareable right away
-          self.cache.insert(s.ns, s.tokens[:s.num_computed], s.page_table, include_partial=False,
-                            cursor=s.cache_cursor)
+          self.cache.insert(s.ns, s.tokens, s.page_table, include_partial=False,
+                            cursor=s.cache_cursor)  # s.tokens: all computed, no copy
         lg = self.runner.stack([d[1] for d in done])
         self._sample_and_append([d[0] for d in done], lg)
 
