@@ -40,6 +40,12 @@ def test_ratios_at_the_baseline_knee_and_at_icarus_knee():
   assert math.isclose(ml["p95_ratio_at_icarus_knee"], 96 / 12)
   assert math.isclose(ml["max_throughput_ratio"], 1.5 / 0.7)
   assert ml["prefill_token_ratio"] == 5.0 and ml["MEASURED"] and "PROJECTION" not in ml
+  # a baseline stronger than ICaRus (knee 2.0 > 1.0): its prefill work is compared at 1.0,
+  # a rate both sustain, not at 2.0 where ICaRus is past its knee (there: 2700 / 100)
+  strong = [dict(p, system="instances_ngpu", prefill_tokens_computed=p["prefill_tokens_computed"]
+                 * 3, steady_p95_workflow_latency_ms=10e3) for p in pts if p["system"] == "multi_lora"]
+  ng = {s["baseline"]: s for s in summarize(pts + strong, 2.0)[1]}["instances_ngpu"]
+  assert ng["max_sustainable_rate_ratio"] == 0.5 and ng["prefill_token_ratio"] == 2400 / 100
   inst = by["instances_1gpu"]
   assert inst["baseline_infeasible"] == "every point failed"
   assert inst["max_throughput_ratio"] is None

@@ -108,8 +108,15 @@ def summarize(points: list[dict], slo_factor: float = 2.0, *, projection: bool =
         if ri and rb and _ok(ri) and _ok(rb):
           rec["p95_ratio_at_baseline_knee"] = (rb["steady_p95_workflow_latency_ms"]
                                                / ri["steady_p95_workflow_latency_ms"])
-          rec["prefill_token_ratio"] = (rb["prefill_tokens_computed"]
-                                        / max(1, ri["prefill_tokens_computed"]))
+        # prefill work at a rate both sustain (the lower knee): the work each system must do,
+        # not the recomputation of one that is past its knee and thrashing
+        both = min(knee, iknee) if knee and iknee else None
+        ri3 = pts.get((hw, model, wl, "icarus", n, both, seed))
+        rb3 = pts.get((hw, model, wl, base, n, both, seed))
+        if ri3 and rb3 and _ok(ri3) and _ok(rb3):
+          rec["prefill_token_ratio"] = (rb3["prefill_tokens_computed"]
+                                        / max(1, ri3["prefill_tokens_computed"]))
+          rec["prefill_ratio_rate"] = both
         per_seed.append(rec)
       if not per_seed:
         continue
