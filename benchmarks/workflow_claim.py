@@ -60,6 +60,9 @@ flags.DEFINE_bool("mixed_steps", True, "Every system runs mixed steps (decode ro
                   "prefill chunks, vLLM-V1 style); False reproduces the session-4 sweep. The "
                   "summary uses only the points of this setting.")
 flags.DEFINE_bool("summarize_only", False, "Only rebuild tables, plots and summaries.")
+flags.DEFINE_string("summary_file", "", "Records in the issue's format go here (their PROJECTION "
+                    "half is replaced); default: workflow_summary.json beside --out for "
+                    "workflow_claim.json, else <out stem>_summary.json.")
 
 
 
@@ -173,7 +176,8 @@ def write_outputs() -> None:
   out.write_text(json.dumps(doc, indent=1))
   summary_name = ("workflow_summary.json" if out.stem == "workflow_claim"
                   else f"{out.stem}_summary.json")
-  merge_summary_file(out.parent / summary_name, summary, measured=False)
+  merge_summary_file(Path(FLAGS.summary_file) if FLAGS.summary_file else out.parent / summary_name,
+                     summary, measured=False)
   lines = ["| hardware | workload | N | system | seeds | unloaded P95 (s) | max sustainable rate "
            "(wf/s) | max throughput (wf/s) |", "| --- | --- | ---: | --- | --- | ---: | ---: | ---: |"]
   grouped: dict = {}
