@@ -91,17 +91,17 @@ def summarize(points: list[dict], slo_factor: float = 2.0, *, projection: bool =
           per_seed.append({"seed": seed, "baseline_infeasible": bc.get("reason"),
                            "icarus_max_sustainable_rate": ic.get("max_sustainable_rate")})
           continue
+        at = lambda rate: (pts.get((hw, model, wl, "icarus", n, rate, seed)),  # noqa: E731
+                           pts.get((hw, model, wl, base, n, rate, seed)))
         knee = bc["max_sustainable_rate"]
-        ri = pts.get((hw, model, wl, "icarus", n, knee, seed))
-        rb = pts.get((hw, model, wl, base, n, knee, seed))
+        ri, rb = at(knee)
         rec = {"seed": seed, "baseline_knee_rate": knee,
                "max_sustainable_rate_ratio": (ic["max_sustainable_rate"] / knee if knee
                                               else math.inf),
                "max_throughput_ratio": ic["max_throughput"] / bc["max_throughput"]}
         # the paper's regime: the baseline past its knee, at the rate ICaRus still sustains
         iknee = ic["max_sustainable_rate"]
-        ri2 = pts.get((hw, model, wl, "icarus", n, iknee, seed))
-        rb2 = pts.get((hw, model, wl, base, n, iknee, seed))
+        ri2, rb2 = at(iknee)
         if ri2 and rb2 and "infeasible" not in rb2 and rb2.get("steady_p95_workflow_latency_ms"):
           rec["p95_ratio_at_icarus_knee"] = (rb2["steady_p95_workflow_latency_ms"]
                                              / ri2["steady_p95_workflow_latency_ms"])
@@ -110,13 +110,10 @@ def summarize(points: list[dict], slo_factor: float = 2.0, *, projection: bool =
                                                / ri["steady_p95_workflow_latency_ms"])
         # prefill work at a rate both sustain (the lower knee): the work each system must do,
         # not the recomputation of one that is past its knee and thrashing
-        both = min(knee, iknee) if knee and iknee else None
-        ri3 = pts.get((hw, model, wl, "icarus", n, both, seed))
-        rb3 = pts.get((hw, model, wl, base, n, both, seed))
+        ri3, rb3 = at(min(knee, iknee) if knee and iknee else None)
         if ri3 and rb3 and _ok(ri3) and _ok(rb3):
           rec["prefill_token_ratio"] = (rb3["prefill_tokens_computed"]
                                         / max(1, ri3["prefill_tokens_computed"]))
-          rec["prefill_ratio_rate"] = both
         per_seed.append(rec)
       if not per_seed:
         continue
