@@ -34,6 +34,7 @@ from kernels_pallas.paged_decode_attention import (paged_decode_attention,
                                                    paged_decode_attention_reference)
 from kernels_pallas.ragged_prefill_attention import (ragged_paged_prefill_attention,
                                                      ragged_paged_prefill_attention_reference)
+from kernels_pallas.reference import page_shape
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "docs/results/kernels.json", "where to write the JSON results")
@@ -80,7 +81,7 @@ def make_pool(rng, batch, ctx, ps, kv_heads, hd, dtype):
   """Shuffled page tables; the pool holds exactly the pages the rows use, plus the null page."""
   n = math.ceil(ctx / ps)
   P = batch * n + 1
-  pages = jnp.asarray(rng.standard_normal((P, ps, 2 * kv_heads, hd), np.float32), dtype)
+  pages = jnp.asarray(rng.standard_normal(page_shape(P, ps, kv_heads, hd), np.float32), dtype)
   table = jnp.asarray(rng.permutation(np.arange(1, P)).reshape(batch, n).astype(np.int32))
   return pages, table
 

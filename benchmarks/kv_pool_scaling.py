@@ -96,7 +96,7 @@ def measure(cfg, base, pools, mode, backend, sizes):
   pool = pools[mode]
   state, out = {}, {}
   for P in sizes:
-    shape = (cfg.num_layers, P, ps, 2 * cfg.num_kv_heads, cfg.head_dim)
+    shape = engine_steps.pool_shape(cfg, P, ps)
     args = batch_args(mode, rng, B, N, P, ps, cfg.vocab_size)
     compiled = fn.lower(cfg, base, pool, jax.ShapeDtypeStruct(shape, jnp.float32), *args,
                         attn_fn=attn).compile()

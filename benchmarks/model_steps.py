@@ -119,8 +119,7 @@ def measure(model: str) -> dict:
   slot = pool.add("a", adapter)
   ps, N = 16, 8  # 128 cached positions per row, each row on its own pages
   P = 1 + B * N
-  pst = {"pages": jnp.asarray(rng.randn(cfg.num_layers, P, ps, 2 * cfg.num_kv_heads,
-                                        cfg.head_dim) * 0.1, jnp.float32)}
+  pst = {"pages": jnp.asarray(rng.randn(*engine_steps.pool_shape(cfg, P, ps)) * 0.1, jnp.float32)}
   table = jnp.asarray(1 + np.arange(B * N).reshape(B, N), jnp.int32)
   pos = jnp.full((B, 1), ps * N - 1, jnp.int32)
   tok1 = tokens[:, :1]

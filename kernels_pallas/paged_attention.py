@@ -8,13 +8,14 @@ Shapes (B batch rows, T query tokens per row, H query heads, K kv heads, G = H /
 P pool pages, ps page_size, N logical pages per row):
 
   q           ``[B, T, H, hd]``   queries, RoPE applied; f32 or bf16
-  pages       ``[P, ps, 2K, hd]`` pages of the pool; K and V interleaved per kv head:
-                                  ``[..., 2k, :]`` is K, ``[..., 2k + 1, :]`` V of head ``k``
+  pages       ``[P, 2K, ps, hd]`` pages of the pool; K and V interleaved per kv head:
+                                  ``[p, 2k]`` is K, ``[p, 2k + 1]`` V of head ``k``; the head
+                                  axis is untiled, ``(ps, hd)`` is the TPU tile
   page_table  ``[B, N]`` int32   pool page of each logical page of the row
   q_pos       ``[B, T]`` int32   position of each query; ``-1`` marks a padding query (output 0)
 
 Query ``(b, t)`` sees key position ``p`` iff ``p <= q_pos[b, t]`` (and ``p > q_pos - window`` with
-a sliding window). Keys live at ``pages[page_table[b, p // ps], p % ps]``.
+a sliding window). Keys live at ``pages[page_table[b, p // ps], :, p % ps]``.
 
 How the work is laid out (the point of this kernel):
   * The ``T`` query tokens of a row and the ``G`` heads that share a kv head are folded into one
@@ -36,8 +37,11 @@ Lowerings:
     indices from a per-kv-head view of the pool (Triton / Mosaic-GPU friendly: power-of-two
     blocks, ``dot_general`` with f32 accumulation).
   * ``impl="tpu"``: page table and block bounds are scalar-prefetched into SMEM, the pool stays in
-    HBM (``memory_space=ANY``) and pages are DMA'd into a double-buffered VMEM scratch: chunk
-    ``c + 1`` is in flight while chunk ``c`` is computed.
+    HBM (``memory_space=ANY``) and each page's ``[2, ps, hd]`` K/V pair of the program's kv head
+    is one DMA into a double-buffered VMEM scratch: chunk ``c + 1`` is in flight while chunk
+    ``c`` is computed. The DMA slices only the page and head axes, which Mosaic leaves untiled,
+    so it is tile-aligned for every dtype and mesh split (the old ``[P, ps, 2K, hd]`` layout
+    sliced one head out of the tiled sublane axis, which libtpu rejects).
   The online-softmax step, bounds computation, folding and split merge are shared.
 """
 
@@ -87,7 +91,9 @@ def _online_softmax_step(carry, q, k, v, row_pos, k_pos, key_ok, *, sliding_wind
   m ``[R, 1]`` f32, l ``[R, 1]`` f32).
   """
   o, m, l = carry
-  prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None  # no silent TF32 for f32
+  # f32: no silent TF32 / bf16 passes; bf16/f16: the native MXU pass, explicitly (Mosaic rejects
+  # an fp32-precision matmul of bf16 operands, e.g. under jax_default_matmul_precision=highest)
+  prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else lax.Precision.DEFAULT
   s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=prec,
                       preferred_element_type=jnp.float32)
   s = s * scale
@@ -177,7 +183,7 @@ def _gpu_kernel(pos_ref, q_ref, bounds_ref, pt_ref, pages_ref, o_ref, m_ref, l_r
   """One (row, kv head, query block, split): pages gathered by vector index from the pool.
 
   pos ``[R, 1]``, q ``[R, hd]``, bounds ``[2]`` token range, pt ``[N_pad]``, pages the whole
-  pool ``[P, ps, 2K, hd]`` (left in global memory: a chunk's pages are gathered from it, nothing
+  pool ``[P, 2K, ps, hd]`` (left in global memory: a chunk's pages are gathered from it, nothing
   pool-sized is ever staged or copied), outputs o ``[R, hd]``, m/l ``[R, 1]`` f32.
   """
   kh = pl.program_id(1)
@@ -190,8 +196,8 @@ def _gpu_kernel(pos_ref, q_ref, bounds_ref, pt_ref, pages_ref, o_ref, m_ref, l_r
 
   def load_chunk(c):
     pidx = pt_ref[pl.ds(c * pages_per_chunk, pages_per_chunk)]
-    k = pages_ref[pidx, :, 2 * kh, :]  # K and V of a kv head are interleaved
-    v = pages_ref[pidx, :, 2 * kh + 1, :]
+    k = pages_ref[pidx, 2 * kh, :, :]  # K and V of a kv head are interleaved
+    v = pages_ref[pidx, 2 * kh + 1, :, :]
     return k.reshape(C, hd), v.reshape(C, hd)
 
   _page_loop(load_chunk, c_lo, c_hi, lo_tok, hi_tok, q_ref, pos_ref, o_ref, m_ref, l_ref,
@@ -202,7 +208,7 @@ def _gpu_kernel(pos_ref, q_ref, bounds_ref, pt_ref, pages_ref, o_ref, m_ref, l_r
 def _call_gpu(q_f, pos_f, bounds, pt, pages, *, num_splits, chunks_per_split, pages_per_chunk,
               sliding_window, interpret):
   B, K, nqb, R, hd = q_f.shape
-  kernel = functools.partial(_gpu_kernel, num_kv_heads=K, page_size=pages.shape[1],
+  kernel = functools.partial(_gpu_kernel, num_kv_heads=K, page_size=pages.shape[2],
                              pages_per_chunk=pages_per_chunk, chunks_per_split=chunks_per_split,
                              sliding_window=sliding_window, scale=1.0 / math.sqrt(hd))
   in_specs, out_specs, out_shape = _block_specs(q_f.shape, num_splits)
@@ -230,13 +236,14 @@ def _call_gpu(q_f, pos_f, bounds, pt, pages, *, num_splits, chunks_per_split, pa
 
 
 def _tpu_kernel(pt_sref, bounds_sref, pos_ref, q_ref, pages_hbm, o_ref, m_ref, l_ref,
-                k_buf, v_buf, sem, *, num_kv_heads, num_qblocks, pt_row_len, page_size,
+                kv_buf, sem, *, num_kv_heads, num_qblocks, pt_row_len, page_size,
                 pages_per_chunk, chunks_per_split, sliding_window, scale):
   """One (row, kv head, query block, split) with scalar-prefetched page table and DMA'd pages.
 
   pt_sref ``[B * N_pad]`` and bounds_sref ``[B * nqb * 2]`` in SMEM; pages_hbm the whole pool
-  layer in HBM; k_buf/v_buf ``[2, pages_per_chunk, ps, hd]`` VMEM (double buffer); sem DMA
-  semaphores ``[2 (k/v), 2 (slot)]``.
+  ``[P, 2K, ps, hd]`` in HBM; kv_buf ``[2 (slot), pages_per_chunk, 2 (k/v), ps, hd]`` VMEM
+  (double buffer); sem one DMA semaphore per slot. A page's K and V of head ``kh`` are
+  ``pages_hbm[pidx, 2kh : 2kh + 2]``: one DMA over untiled axes.
   """
   b, kh, j, split = (pl.program_id(i) for i in range(4))
   row = b * num_qblocks + j
@@ -251,10 +258,8 @@ def _tpu_kernel(pt_sref, bounds_sref, pos_ref, q_ref, pages_hbm, o_ref, m_ref, l
     out = []
     for i in range(pages_per_chunk):
       pidx = pt_sref[pt_row + c * pages_per_chunk + i]
-      out.append(pltpu.make_async_copy(pages_hbm.at[pidx, :, 2 * kh], k_buf.at[slot, i],
-                                       sem.at[0, slot]))
-      out.append(pltpu.make_async_copy(pages_hbm.at[pidx, :, 2 * kh + 1],
-                                       v_buf.at[slot, i], sem.at[1, slot]))
+      out.append(pltpu.make_async_copy(pages_hbm.at[pidx, pl.ds(2 * kh, 2)],
+                                       kv_buf.at[slot, i], sem.at[slot]))
     return out
 
   @pl.when(c_lo < c_hi)
@@ -272,7 +277,8 @@ def _tpu_kernel(pt_sref, bounds_sref, pos_ref, q_ref, pages_hbm, o_ref, m_ref, l
 
     for cp in copies(c, slot):
       cp.wait()
-    return k_buf[slot].reshape(C, hd), v_buf[slot].reshape(C, hd)
+    kv = kv_buf[slot]  # [pages_per_chunk, 2, ps, hd]
+    return kv[:, 0].reshape(C, hd), kv[:, 1].reshape(C, hd)
 
   _page_loop(load_chunk, c_lo, c_hi, lo_tok, hi_tok, q_ref, pos_ref, o_ref, m_ref, l_ref,
              page_size=page_size, pages_per_chunk=pages_per_chunk,
@@ -282,7 +288,7 @@ def _tpu_kernel(pt_sref, bounds_sref, pos_ref, q_ref, pages_hbm, o_ref, m_ref, l
 def _call_tpu(q_f, pos_f, bounds, pt, pages, *, num_splits, chunks_per_split, pages_per_chunk,
               sliding_window, interpret):
   B, K, nqb, R, hd = q_f.shape
-  ps = pages.shape[1]
+  ps = pages.shape[2]
   kernel = functools.partial(_tpu_kernel, num_kv_heads=K, num_qblocks=nqb,
                              pt_row_len=pt.shape[1], page_size=ps,
                              pages_per_chunk=pages_per_chunk, chunks_per_split=chunks_per_split,
@@ -293,9 +299,8 @@ def _call_tpu(q_f, pos_f, bounds, pt, pages, *, num_splits, chunks_per_split, pa
       grid=(B, K, nqb, num_splits),
       in_specs=in_specs + [pl.BlockSpec(memory_space=pl.ANY)],  # the pool layer stays in HBM
       out_specs=out_specs,
-      scratch_shapes=[pltpu.VMEM((2, pages_per_chunk, ps, hd), pages.dtype),
-                      pltpu.VMEM((2, pages_per_chunk, ps, hd), pages.dtype),
-                      pltpu.SemaphoreType.DMA((2, 2))],
+      scratch_shapes=[pltpu.VMEM((2, pages_per_chunk, 2, ps, hd), pages.dtype),
+                      pltpu.SemaphoreType.DMA((2,))],
   )
   if interpret is True:
     interpret = pltpu.InterpretParams()
@@ -322,14 +327,14 @@ def _validate(q, pages, page_table, q_pos, sliding_window, q_block, pages_per_ch
   if q.ndim != 4:
     raise ValueError(f"q must be [batch, tokens, heads, head_dim]; got shape {q.shape}")
   if pages.ndim != 4:
-    raise ValueError(f"pages must be [num_pages, page_size, 2 * kv_heads, head_dim]; got shape "
+    raise ValueError(f"pages must be [num_pages, 2 * kv_heads, page_size, head_dim]; got shape "
                      f"{pages.shape}")
   B, T, H, hd = q.shape
-  P, ps, K2, phd = pages.shape
+  P, K2, ps, phd = pages.shape
   if phd != hd:
     raise ValueError(f"pages head_dim {phd} != q head_dim {hd}")
   if K2 % 2:
-    raise ValueError(f"pages axis 2 holds K and V of each kv head and must be even; got {K2}")
+    raise ValueError(f"pages axis 1 holds K and V of each kv head and must be even; got {K2}")
   if H % (K2 // 2):
     raise ValueError(f"q heads {H} must be a multiple of the kv heads {K2 // 2} (GQA)")
   if q.dtype != pages.dtype:
@@ -352,9 +357,17 @@ def _validate(q, pages, page_table, q_pos, sliding_window, q_block, pages_per_ch
     raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
 
 
+def target_platform() -> str:
+  """The platform a program traced now is compiled for: the devices of the current mesh (set by
+  ``jax.set_mesh`` or an enclosing ``shard_map``) when there is one, e.g. an ahead-of-time
+  compile for a TPU topology on a CPU host; else the default backend."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
 def resolve_impl(impl: str, interpret) -> tuple[str, object]:
-  """``auto`` -> the platform's lowering; ``interpret=None`` -> interpret off-accelerator."""
-  backend = jax.default_backend()
+  """``auto`` -> the target platform's lowering; ``interpret=None`` -> interpret on CPU only."""
+  backend = target_platform()
   if impl == "auto":
     impl = "tpu" if backend == "tpu" else "gpu"
   if interpret is None:
@@ -386,7 +399,7 @@ def paged_attention(q: jax.Array, pages: jax.Array, page_table: jax.Array, q_pos
             impl)
   impl, interpret = resolve_impl(impl, interpret)
   B, T, H, hd = q.shape
-  _, ps, K2, _ = pages.shape
+  _, K2, ps, _ = pages.shape
   K, G = K2 // 2, H // (K2 // 2)
   N = page_table.shape[1]
   q_block = min(q_block or T, T)

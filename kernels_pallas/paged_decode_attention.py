@@ -29,7 +29,7 @@ def paged_decode_attention_reference(q: jax.Array, pages: jax.Array, page_table:
                                      ) -> jax.Array:
   """Dense jnp decode attention: each stream of row ``b`` sees keys ``[0, lengths[b])``.
 
-  q ``[B, S, H, hd]``, pages ``[P, ps, 2K, hd]``, page_table ``[B, N]``, lengths ``[B]``;
+  q ``[B, S, H, hd]``, pages ``[P, 2K, ps, hd]``, page_table ``[B, N]``, lengths ``[B]``;
   returns ``[B, S, H, hd]`` in q's dtype (0 for ``lengths == 0``).
   """
   k, v = gather_pages(pages, page_table)
@@ -48,7 +48,7 @@ def paged_decode_attention(q: jax.Array, pages: jax.Array, page_table: jax.Array
 
   Args:
     q: ``[batch, streams, heads, head_dim]`` f32/bf16/f16 queries, RoPE applied.
-    pages: ``[num_pages, page_size, 2 * kv_heads, head_dim]`` one layer of the pool (K and V
+    pages: ``[num_pages, 2 * kv_heads, page_size, head_dim]`` one layer of the pool (K and V
       interleaved per kv head: ``2k`` is K, ``2k + 1`` is V of head ``k``), same dtype as q.
     page_table: ``[batch, pages_per_seq]`` int pool pages of each sequence.
     lengths: ``[batch]`` int number of cached tokens of each sequence (the current token

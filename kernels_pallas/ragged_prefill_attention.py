@@ -60,7 +60,7 @@ def ragged_paged_prefill_attention(q: jax.Array, pages: jax.Array, page_tables: 
   Args:
     q: ``[total_tokens, heads, head_dim]`` packed queries (RoPE applied); rows past
       ``cu_q_lens[-1]`` are padding (output 0).
-    pages: ``[num_pages, page_size, 2 * kv_heads, head_dim]`` one pool layer with this step's K/V
+    pages: ``[num_pages, 2 * kv_heads, page_size, head_dim]`` one pool layer with this step's K/V
       already written.
     page_tables: ``[num_seqs, pages_per_seq]`` int.
     cu_q_lens: ``[num_seqs + 1]`` int, non-decreasing, ``cu_q_lens[0] == 0``.

@@ -51,13 +51,26 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Arra
 def gather_pages(pages: jax.Array, page_table: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Keys and values of each row's pages, in logical order.
 
-  ``pages [P, ps, 2K, hd]`` (K and V interleaved per kv head), ``page_table [B, N]`` ->
-  ``k, v [B, N * ps, K, hd]``; key ``s`` of row ``b`` is at position ``s``.
+  ``pages [P, 2K, ps, hd]`` (K and V interleaved per kv head: ``2k`` is K, ``2k + 1`` V of head
+  ``k``; see :data:`PAGE_LAYOUT`), ``page_table [B, N]`` -> ``k, v [B, N * ps, K, hd]``; key
+  ``s`` of row ``b`` is at position ``s``.
   """
   B, N = page_table.shape
-  ps, K2, hd = pages.shape[1:]
-  kv = pages[page_table].reshape(B, N * ps, K2, hd)
+  K2, ps, hd = pages.shape[1:]
+  kv = pages[page_table].transpose(0, 1, 3, 2, 4).reshape(B, N * ps, K2, hd)
   return kv[:, :, 0::2], kv[:, :, 1::2]
+
+
+#: The page layout every kernel, reference and the engine share: ``[P, 2K, ps, hd]``. The
+#: (kv-head, K/V) axis leads the page and is never tiled; the two minor axes ``(ps, hd)`` are the
+#: TPU's (sublane, lane) tile whatever the mesh splits, so a DMA of one head's K and V is
+#: tile-aligned and a ``model`` split of the head axis never changes the page's tiling.
+PAGE_LAYOUT = ("pages", "kv_heads", "page_slots", "head_dim")
+
+
+def page_shape(num_pages: int, page_size: int, kv_heads: int, head_dim: int) -> tuple:
+  """Shape of a pool of ``num_pages`` pages in :data:`PAGE_LAYOUT`: ``(P, 2K, ps, hd)``."""
+  return (num_pages, 2 * kv_heads, page_size, head_dim)
 
 
 def causal_visibility(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None = None

@@ -18,6 +18,7 @@ from icarus_jax import IcarusError, init_adapter, init_base_params, tiny_config 
 from icarus_jax.serving import step_batch  # noqa: E402
 from icarus_jax.serving import engine_steps
 from icarus_jax.serving.engine import Engine  # noqa: E402
+from icarus_jax.serving.runner import rows_split  # noqa: E402
 from icarus_jax.serving.sampling import SamplingParams  # noqa: E402
 from icarus_jax.model.sharding import make_mesh, shard_base, shard_engine  # noqa: E402
 from icarus_jax.training.objective import TrainConfig, init_trainable, make_optimizer, train_step  # noqa: E402
@@ -32,14 +33,14 @@ def pool_growth(cfg, e, mesh, attn=None):
   i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
   temps, bad = [], 0
   for P in (256, 16384):
-    shape = (cfg.num_layers, P, 8, 2 * cfg.num_kv_heads, cfg.head_dim)
+    shape = engine_steps.pool_shape(cfg, P, 8)
     pages = jax.ShapeDtypeStruct(shape, jnp.float32,
                                  sharding=NamedSharding(mesh, _spec(PAGES_AXES, load_rules())))
     c = engine_steps.icarus_step.lower(cfg, e.runner.base, e.runner.pool.weights, pages, i32(4, 1), i32(4, 1),
                                        jax.ShapeDtypeStruct((4, 1), jnp.bool_), i32(4, 4), i32(4),
                                        i32(4), i32(4), attn_fn=attn).compile()
     temps.append(c.memory_analysis().temp_size_in_bytes)
-    pat = re.compile(r"\[(%d,%d|%d),8," % (cfg.num_layers, P, cfg.num_layers * P))
+    pat = re.compile(r"\[(%d,%d|%d),\d+,8," % (cfg.num_layers, P, cfg.num_layers * P))
     bad += sum(1 for l in c.as_text().splitlines()
                if pat.search(l) and re.search(r"\s(copy|all-gather)\(", l))
   return {"pool_temp_growth_bytes": temps[1] - temps[0], "pool_copies": bad,
@@ -116,8 +117,9 @@ def main():
         "pool_sharding": str(e.runner.pool.weights["layers"]["q"]["b"].sharding.spec),
         **pool_growth(cfg, e, mesh),
         "pallas_tokens_equal": got_p == ref_p,
-        "pallas_sharded_attention": type(ep.runner.attn).__name__,
-        "pallas": pool_growth(cfg, ep, mesh, ep.runner.attn),
+        "sharded_attention_axes": [ep.runner.sharded_attention(rows_split(mesh, 8)).row_axis,
+                                   ep.runner.sharded_attention(rows_split(mesh, 8)).head_axis],
+        "pallas": pool_growth(cfg, ep, mesh, ep.runner.sharded_attention(False)),
     }
   try:
     make_mesh("data:4,model:4")

@@ -19,6 +19,7 @@ from kernels_pallas.paged_decode_attention import (paged_decode_attention,
                                                    paged_decode_attention_reference)
 from kernels_pallas.ragged_prefill_attention import (ragged_paged_prefill_attention,
                                                      ragged_paged_prefill_attention_reference)
+from kernels_pallas.reference import page_shape
 
 PS = 8
 HD = 16
@@ -31,9 +32,11 @@ ON_DEVICE = os.environ.get("ICARUS_KERNELS_ON_DEVICE") == "1"
 
 
 def interp(impl):
-  if impl == "tpu":
-    return pltpu.InterpretParams()
-  return not ON_DEVICE
+  """Compiled where the lowering is the device's own (gpu_check.sh / tpu_check.sh), else the
+  interpreter (TPU-style under ``pltpu.InterpretParams``)."""
+  if ON_DEVICE and impl == jax.default_backend():
+    return False
+  return pltpu.InterpretParams() if impl == "tpu" else True
 
 
 def ppc(n):
@@ -55,6 +58,7 @@ def make_pool(rng, lengths, *, kv_heads, dtype, pages_per_seq=None, extra_pages=
       table[b, j] = free.pop() if j < need[b] else rng.randint(0, P)  # unused: any page, NaN
     for p in range(int(n)):
       pages[table[b, p // PS], p % PS] = rng.randn(2 * kv_heads, HD)
+  pages = pages.transpose(0, 2, 1, 3)  # built as [P, ps, 2K, hd]; the layout is [P, 2K, ps, hd]
   return jnp.asarray(pages, dtype), jnp.asarray(table)
 
 
@@ -105,7 +109,7 @@ def test_decode_split_k_and_sliding_window(impl):
   pages_np = np.array(pages)
   for b, n in enumerate(lengths):
     for p in range(max(0, n - win)):
-      pages_np[int(table[b, p // PS]), p % PS] = np.nan
+      pages_np[int(table[b, p // PS]), :, p % PS] = np.nan
   out = paged_decode_attention(q, jnp.asarray(pages_np), table, ln, sliding_window=win,
                                impl=impl, interpret=interp(impl), pages_per_chunk=ppc(2),
                                num_splits=2)
@@ -199,7 +203,7 @@ def test_tpu_kernel_race_free():
 
 def _args():
   q = jnp.zeros((2, 3, 4, HD), jnp.float32)
-  pages = jnp.zeros((6, PS, 4, HD), jnp.float32)
+  pages = jnp.zeros((6, 4, PS, HD), jnp.float32)
   table = jnp.zeros((2, 3), jnp.int32)
   return q, pages, table, jnp.zeros((2, 3), jnp.int32)
 
@@ -207,11 +211,11 @@ def _args():
 @pytest.mark.parametrize("change,kwargs,match", [
     (dict(q=jnp.zeros((2, 4, HD))), {}, "q must be"),
     (dict(pages=jnp.zeros((6, PS, HD))), {}, "pages must be"),
-    (dict(pages=jnp.zeros((6, PS, 4, 8))), {}, "head_dim"),
-    (dict(pages=jnp.zeros((6, PS, 3, HD))), {}, "must be even"),
-    (dict(pages=jnp.zeros((6, PS, 6, HD))), {}, "multiple of the kv heads"),
-    (dict(pages=jnp.zeros((6, PS, 4, HD), jnp.bfloat16)), {}, "q dtype"),
-    (dict(q=jnp.zeros((2, 3, 4, HD), jnp.int32), pages=jnp.zeros((6, PS, 4, HD), jnp.int32)),
+    (dict(pages=jnp.zeros((6, 4, PS, 8))), {}, "head_dim"),
+    (dict(pages=jnp.zeros((6, 3, PS, HD))), {}, "must be even"),
+    (dict(pages=jnp.zeros((6, 6, PS, HD))), {}, "multiple of the kv heads"),
+    (dict(pages=jnp.zeros((6, 4, PS, HD), jnp.bfloat16)), {}, "q dtype"),
+    (dict(q=jnp.zeros((2, 3, 4, HD), jnp.int32), pages=jnp.zeros((6, 4, PS, HD), jnp.int32)),
      {}, "unsupported"),
     (dict(page_table=jnp.zeros((3, 3), jnp.int32)), {}, "page_table"),
     (dict(page_table=jnp.zeros((2, 3), jnp.float32)), {}, "page_table"),
@@ -285,7 +289,7 @@ def test_real_lowerings_trace_on_cpu(monkeypatch, platform, T, q_block, dtype, w
     monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
   B, H, K, hd, P, ps, N = 4, 32, 8, 128, 64, 16, 8
   args = (jax.ShapeDtypeStruct((B, T, H, hd), dtype),
-          jax.ShapeDtypeStruct((P, ps, 2 * K, hd), dtype),
+          jax.ShapeDtypeStruct(page_shape(P, ps, K, hd), dtype),
           jax.ShapeDtypeStruct((B, N), jnp.int32), jax.ShapeDtypeStruct((B, T), jnp.int32))
   impl = "gpu" if platform == "cuda" else "tpu"
 

@@ -42,7 +42,7 @@ def analyse(lowered):
 
 
 def pages_shape(cfg, P):
-  return (cfg.num_layers, P, PS, 2 * cfg.num_kv_heads, cfg.head_dim)
+  return engine_steps.pool_shape(cfg, P, PS)
 
 
 def lower_step(cfg, base, mode, backend, P, T, B=4, N=4):
@@ -123,5 +123,5 @@ def test_in_place_writes_touch_only_the_written_slots(tiny, tiny_adapters):
                                     np.array([1, 0], np.int32))
   assert pages.is_deleted()  # donated: the step reused the buffer
   after = np.asarray(out)
-  changed = np.argwhere(np.any(after != before, axis=(3, 4)))
+  changed = np.argwhere(np.any(after != before, axis=(2, 4)))  # [L, P, 2K, ps, hd] -> (l, p, slot)
   assert sorted(map(tuple, changed.tolist())) == [(l, 5, 1) for l in range(cfg.num_layers)]

@@ -37,7 +37,7 @@ def served_logits(cfg, base, pool, tokens, slot):
   into shuffled pages, the decoder at t reads 0..t): ``[T, V]``."""
   T = tokens.shape[1]
   N = -(-T // PS)
-  pages = jnp.zeros((cfg.num_layers, N + 3, PS, 2 * cfg.num_kv_heads, cfg.head_dim), jnp.float32)
+  pages = jnp.zeros(engine_steps.pool_shape(cfg, N + 3, PS), jnp.float32)
   table = np.array([np.random.RandomState(1).permutation(np.arange(1, N + 3))[:N]], np.int32)
   out = []
   for t in range(T):
@@ -70,7 +70,7 @@ def test_engine_step_decode_and_training_logits_agree(variant):
                              atol=1e-5, rtol=0)
   T = tokens.shape[1]  # one prefill chunk (the same inputs): the decoder row at the last position
   for s, want in ((BASE_SLOT, base_train[-1]), (slot, train[-1])):
-    pages = jnp.zeros((cfg.num_layers, 5, PS, 2 * cfg.num_kv_heads, cfg.head_dim), jnp.float32)
+    pages = jnp.zeros(engine_steps.pool_shape(cfg, 5, PS), jnp.float32)
     last, _ = engine_steps.icarus_step(
         cfg, base, pool.weights, pages, tokens, np.arange(T, dtype=np.int32)[None],
         np.ones((1, T), bool), np.array([[4, 2, 1]], np.int32), tokens[:, -1],

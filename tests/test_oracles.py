@@ -34,7 +34,7 @@ def serving_logits(cfg, base, adapter, tokens, upto):
   pool = AdapterPool(cfg, capacity=1, max_rank=16, targets=adapter.config.targets)
   pool.add("a", adapter)
   n_pages = math.ceil(upto / PS)
-  pages = jnp.zeros((cfg.num_layers, n_pages + 1, PS, 2 * cfg.num_kv_heads, cfg.head_dim))
+  pages = jnp.zeros(engine_steps.pool_shape(cfg, n_pages + 1, PS))
   T = 32
   tok = np.zeros((1, T), np.int32)
   pos = np.full((1, T), upto - 1, np.int32)

@@ -94,7 +94,7 @@ def pool_logical_axes(pool_weights) -> dict:
   return out
 
 
-PAGES_AXES = ("layers", "pages", "page_slots", "kv_heads", "head_dim")
+PAGES_AXES = ("layers", "pages", "kv_heads", "page_slots", "head_dim")  # engine_steps.pool_shape
 
 
 def shardings(tree_axes, mesh: Mesh, rules=None):

@@ -1,14 +1,17 @@
 """Jitted serving steps over the paged KV pool. Pure functions of (base, adapter pool, pages, batch).
 
-Pool layout: ``pages [L, P, page_size, 2 * K, hd]``: for each layer and page, the K and V of
-``page_size`` consecutive positions, interleaved per kv head (``[..., 2k, :]`` is K and
-``[..., 2k + 1, :]`` V of kv head ``k``), so a split of axis 3 over the mesh's ``model`` axis
-keeps each head's K and V on the device that holds its query heads.
+Pool layout: ``pages [L, P, 2 * K, page_size, hd]`` (:func:`pool_shape`): for each layer and page,
+the K and V of ``page_size`` consecutive positions, interleaved per kv head (``[l, p, 2k]`` is K
+and ``[l, p, 2k + 1]`` V of kv head ``k``), so a split of axis 2 over the mesh's ``model`` axis
+keeps each head's K and V on the device that holds its query heads. The two minor axes
+``(page_size, hd)`` are the TPU's tiled (sublane, lane) axes whatever the mesh splits: the scatter
+of new K/V and the gather/DMA of pages agree on one tiling, so the compiler never converts (copies)
+the pool between them (``docs/kernels.md``, ``tests/test_tpu_aot.py``).
 Page 0 is the null page: page tables are padded with it and no query reads it unmasked;
 padding tokens write nowhere.
 
 In place: the pool is donated to every step and carried through the layer scan as one flat
-``[L * P, ps, 2K, hd]`` buffer (``flat_pool``; layer ``l`` offsets the page table by ``l * P``).
+``[L * P, 2K, ps, hd]`` buffer (``flat_pool``; layer ``l`` offsets the page table by ``l * P``).
 Each layer scatters its new K/V into that buffer and attention reads only the rows' pages, so a
 step's memory traffic and temporaries depend on the batch, never on the pool's size
 (``tests/test_kv_in_place.py`` checks the compiled programs).
@@ -34,6 +37,8 @@ plus the decoder row.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import Callable
@@ -48,10 +53,16 @@ from icarus_jax.model.params import Params
 from icarus_jax.serving.step_batch import StepBatch
 from kernels_pallas.paged_attention import paged_attention
 from kernels_pallas.paged_attention import paged_attention_reference as paged_attention_jnp
+from kernels_pallas.reference import page_shape
+
+
+def pool_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
+  """Shape of the engine's KV pool: ``(L, P, 2K, ps, hd)`` (the kernels' page layout per layer)."""
+  return (cfg.num_layers, *page_shape(num_pages, page_size, cfg.num_kv_heads, cfg.head_dim))
 
 
 def flat_pool(pages: jax.Array) -> jax.Array:
-  """``[L, P, ps, 2K, hd] -> [L * P, ps, 2K, hd]``: one page axis over all layers (a bitcast).
+  """``[L, P, 2K, ps, hd] -> [L * P, 2K, ps, hd]``: one page axis over all layers (a bitcast).
 
   Layer ``l``'s page ``p`` is flat page ``l * P + p``: the layer scan offsets the page table by
   ``l * P``, so every attention function and the K/V write see one array and index only the
@@ -63,64 +74,104 @@ def flat_pool(pages: jax.Array) -> jax.Array:
 
 def write_kv(pool: jax.Array, k: jax.Array, v: jax.Array, table: jax.Array,
              positions: jax.Array, valid: jax.Array) -> jax.Array:
-  """Scatters ``k, v [B, T, K, hd]`` into the flat pool ``[L * P, ps, 2K, hd]`` in place.
+  """Scatters ``k, v [B, T, K, hd]`` into the flat pool ``[L * P, 2K, ps, hd]`` in place.
 
   ``table [B, N]`` holds flat page ids (the layer's page table plus ``l * P``). Invalid tokens (``valid`` False)
   are dropped (their index is out of bounds), so padding never touches any page, the null page
   included. Called on a donated or loop-carried pool, XLA updates the buffer in place: the cost
   is that of the ``B * T`` written slots, whatever the pool's size.
+
+  Each update is one ``[hd]`` vector at ``(page, 2k or 2k + 1, slot)``: the scatter's window is
+  the minor (lane) axis alone, so it constrains no other axis's layout and the compiler keeps the
+  pool in the layout the attention reads (a window over ``(2K, hd)`` made libtpu store the pool
+  with the head axis second-minor and copy it to the gather's layout in every layer).
   """
-  ps = pool.shape[1]
+  ps = pool.shape[2]
   logical = jnp.clip(positions // ps, 0, table.shape[1] - 1)
   pidx = jnp.take_along_axis(table, logical, axis=1)
   pidx = jnp.where(valid, pidx, pool.shape[0])  # out of bounds: dropped
   B, T, K, hd = k.shape
   kv = jnp.stack([k, v], axis=3).reshape(B, T, 2 * K, hd).astype(pool.dtype)  # interleaved
-  return pool.at[pidx, positions % ps].set(kv, mode="drop")
+  heads = jnp.arange(2 * K, dtype=jnp.int32)[None, None, :]
+  page = jnp.broadcast_to(pidx[:, :, None], (B, T, 2 * K))
+  slot = jnp.broadcast_to((positions % ps)[:, :, None], (B, T, 2 * K))
+  return pool.at[page, heads, slot].set(kv, mode="drop")
 
 
 def paged_attention_reference(q, pool, table, q_pos, *, sliding_window=None):
   """jnp attention of ``q [B, T, H, hd]`` at ``q_pos [B, T]`` over the pages in ``table``.
 
-  Reads only the row's pages (``pool[table]``, ``[B, N, ps, 2K, hd]``), never a copy that grows
+  Reads only the row's pages (``pool[table]``, ``[B, N, 2K, ps, hd]``), never a copy that grows
   with the pool, and zeroes the slots no query may see, so stale inf/NaN left in a page by a
   previous owner (or in the null page) never reaches the output.
   """
   return paged_attention_jnp(q, pool, table, q_pos, sliding_window=sliding_window)
 
 
-def paged_attention_pallas(q, pool, table, q_pos, *, sliding_window=None):
+@dataclasses.dataclass(frozen=True)
+class PallasAttention:
   """The Pallas kernel on the engine's layout: tokens and the decoder row folded per kv head.
 
   Same contract as :func:`paged_attention_reference`. A decode step (``T + 1 = 2`` rows at one
   position) is one query block whose pages are read once for both streams; a prefill chunk is
-  cut into blocks of 16 tokens that each skip the pages causality hides from them.
+  cut into blocks of 16 tokens that each skip the pages causality hides from them. ``impl`` /
+  ``interpret`` as in :func:`kernels_pallas.paged_attention.paged_attention` (``auto``: the
+  target platform's lowering; an explicit ``impl="gpu", interpret=False`` exports the Triton
+  kernel from a CPU host). Frozen and hashable: a static argument of the jitted steps.
   """
-  return paged_attention(q, pool, table, q_pos, sliding_window=sliding_window,
-                         q_block=min(q.shape[1], 16))
+
+  impl: str = "auto"
+  interpret: bool | None = None
+
+  def __call__(self, q, pool, table, q_pos, *, sliding_window=None):
+    return paged_attention(q, pool, table, q_pos, sliding_window=sliding_window,
+                           q_block=min(q.shape[1], 16), impl=self.impl, interpret=self.interpret)
+
+
+#: The engine's ``attention_backend="pallas"``.
+paged_attention_pallas = PallasAttention()
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardedAttention:
-  """``attn_fn`` run on each device over its own KV heads (``jax.shard_map``).
+  """``attn_fn`` run per device inside ``jax.shard_map``: rows over ``row_axis``, kv heads over
+  ``head_axis`` (either may be None: not split).
 
-  q ``[B, T, H, hd]`` is split on its heads and the flat pool ``[L * P, ps, 2K, hd]`` on its
-  interleaved K/V axis over mesh axis ``axis``, so device ``d`` holds query heads
-  ``[d * H/m, (d+1) * H/m)`` and exactly the K/V pairs of their kv heads; page tables and
-  positions are replicated. Each device calls the kernel on its shard: no pool data moves
-  between devices (GSPMD cannot partition a Pallas custom call and would gather the pool).
+  q ``[B, T, H, hd]`` is split on its rows and heads, the flat pool ``[L * P, 2K, ps, hd]`` on its
+  interleaved K/V axis (replicated over ``row_axis``), page tables and positions ``[B, .]`` on
+  their rows. Device ``(d, m)`` attends only for the rows it owns, over exactly the K/V pairs of
+  its query heads: no pool data moves between devices and no device attends for another's rows
+  (GSPMD cannot partition a Pallas custom call, and left to itself gathers rows or the pool).
   Frozen and hashable, so it is a valid static argument of the jitted steps.
   """
 
   attn_fn: Callable
   mesh: Mesh
-  axis: str
+  head_axis: str | None
+  row_axis: str | None = None
 
   def __call__(self, q, pool, table, q_pos, *, sliding_window=None):
-    heads = P(None, None, self.axis, None)
+    q_spec = P(self.row_axis, None, self.head_axis, None)
+    rows = P(self.row_axis, None)
     f = functools.partial(self.attn_fn, sliding_window=sliding_window)
-    return jax.shard_map(f, mesh=self.mesh, in_specs=(heads, heads, P(), P()), out_specs=heads,
-                         check_vma=False)(q, pool, table, q_pos)
+    return jax.shard_map(f, mesh=self.mesh,
+                         in_specs=(q_spec, P(None, self.head_axis, None, None), rows, rows),
+                         out_specs=q_spec, check_vma=False)(q, pool, table, q_pos)
+
+
+_SCAN_UNROLL = contextvars.ContextVar("layer_scan_unroll", default=1)
+
+
+@contextlib.contextmanager
+def layer_scan_unroll(n: int):
+  """Trace the steps with the layer scan unrolled ``n`` times (analysis only: libtpu's cost
+  analysis counts a ``while`` body once, so ``icarus_jax.bench.aot.per_layer`` compiles unroll 1
+  and 2 and takes the difference). Affects programs traced inside the block only."""
+  token = _SCAN_UNROLL.set(n)
+  try:
+    yield
+  finally:
+    _SCAN_UNROLL.reset(token)
 
 
 def _layer_scan(body, carry, base: Params, pool: Params, pages: jax.Array):
@@ -139,7 +190,8 @@ def _layer_scan(body, carry, base: Params, pool: Params, pages: jax.Array):
     return (inner, pool_flat), None
 
   (carry, pool_flat), _ = jax.lax.scan(step, (carry, flat_pool(pages)),
-                                       (base["layers"], pool["layers"], offsets))
+                                       (base["layers"], pool["layers"], offsets),
+                                       unroll=_SCAN_UNROLL.get())
   return carry, pool_flat.reshape(pages.shape)
 
 
@@ -161,7 +213,7 @@ def icarus_forward(cfg: ModelConfig, base: Params, pool: Params, pages: jax.Arra
 
   Each layer is one :func:`~icarus_jax.model.transformer.block` over ``[B, T + 1]`` tokens: the ``T``
   encoder tokens make K/V with the base weights, the decoder token (the last) uses the row's
-  adapter and only queries. ``pages [L, P, ps, 2K, hd]`` is donated and updated in place (only
+  adapter and only queries. ``pages [L, P, 2K, ps, hd]`` is donated and updated in place (only
   the written slots change).
   """
   T = tokens.shape[1]

@@ -76,6 +76,52 @@ def _page_bytes(cfg: ModelConfig, page_size: int, itemsize: int) -> int:
   return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * itemsize
 
 
+def mesh_shardings(cfg: ModelConfig, base, pool_weights, mesh, rules: dict) -> dict:
+  """``{"base", "pool", "pages"}`` NamedShardings on ``mesh`` from the logical ``rules``.
+
+  ``base`` and ``pool_weights`` may be arrays or ``ShapeDtypeStruct`` trees (only their keys
+  are read), so an ahead-of-time compile (``icarus_jax.bench.aot``) derives exactly the
+  shardings a live runner uses."""
+  from icarus_jax.model.sharding import (PAGES_AXES, _spec, base_logical_axes, check_divisible,
+                                         pool_logical_axes, shardings)
+  check_divisible(cfg, mesh)
+  return {"base": shardings(base_logical_axes(cfg, base), mesh, rules),
+          "pool": shardings(pool_logical_axes(pool_weights), mesh, rules),
+          "pages": NamedSharding(mesh, _spec(PAGES_AXES, rules))}
+
+
+def rows_split(mesh, B: int) -> bool:
+  """Whether a bucket of ``B`` rows is split over the mesh's ``data`` axis (it must divide)."""
+  d = mesh.shape["data"]
+  return d > 1 and B % d == 0
+
+
+def mesh_attention(backend: str, mesh, rules: dict, split_rows: bool
+                   ) -> engine_steps.ShardedAttention:
+  """The step's attention on ``mesh``, for both backends: per device inside ``shard_map``, rows
+  over ``data`` when ``split_rows``, kv heads over the axis ``rules["kv_heads"]`` names (when it
+  spans more than one device). GSPMD cannot partition the Pallas custom call, and partitions the
+  jnp gather by gathering rows; here no device attends for a row it does not own."""
+  kv_axis = rules.get("kv_heads")
+  kv_axis = kv_axis if kv_axis and mesh.shape[kv_axis] > 1 else None
+  return engine_steps.ShardedAttention(ATTENTION_FNS[backend], mesh, head_axis=kv_axis,
+                                       row_axis="data" if split_rows else None)
+
+
+def jit_mesh_step(cfg: ModelConfig, mode: str, backend: str, mesh, rules: dict, sh: dict,
+                  split_rows: bool):
+  """``engine_steps.serving_step`` jitted for ``mesh`` with explicit in/out shardings (``sh``
+  from :func:`mesh_shardings`), the pool donated; batch rows over ``data`` when ``split_rows``.
+  """
+  rows = NamedSharding(mesh, P("data") if split_rows else P())
+  batch_sh = StepBatch(*[rows] * len(step_batch.ARRAY_FIELDS))
+  logits_sh = NamedSharding(mesh, P("data" if split_rows else None, None))
+  attn = mesh_attention(backend, mesh, rules, split_rows)
+  return jax.jit(functools.partial(engine_steps.serving_step, cfg, mode, attn_fn=attn),
+                 in_shardings=(sh["base"], sh["pool"], sh["pages"], batch_sh),
+                 out_shardings=(logits_sh, sh["pages"]), donate_argnums=(2,))
+
+
 class DeviceRunner:
   """Pages, adapter pool and jitted steps on the default device or a mesh.
 
@@ -95,51 +141,40 @@ class DeviceRunner:
     self.clock = time.perf_counter
     self.fingerprint = base_fingerprint(cfg, base)
     self.pool = AdapterPool(cfg, capacity=max_adapters, max_rank=max_rank, targets=tuple(targets))
-    self.pages = jnp.zeros((cfg.num_layers, num_pages, page_size, 2 * cfg.num_kv_heads,
-                            cfg.head_dim), cfg.jnp_dtype)
+    self.pages = jnp.zeros(engine_steps.pool_shape(cfg, num_pages, page_size), cfg.jnp_dtype)
     self.bytes_per_page = _page_bytes(cfg, page_size, jnp.dtype(cfg.dtype).itemsize)
     self.attention_backend = attention_backend
     self.attn = ATTENTION_FNS[attention_backend]
     self.mesh = None
+    self._rules: dict = {}
     self._shardings: dict | None = None
     self._jits: dict = {}
 
   # ------------------------------------------------------------------ placement
   def shard(self, mesh, rules: dict) -> None:
     """Places base, adapter pool and pages on ``mesh`` by the logical ``rules`` and jits the
-    step with those shardings. With the Pallas backend the attention runs per device over its
-    KV heads (``engine_steps.ShardedAttention``); GSPMD cannot partition a custom call."""
-    from icarus_jax.model.sharding import (PAGES_AXES, _spec, base_logical_axes, check_divisible,
-                                     pool_logical_axes, shardings)
-    check_divisible(self.cfg, mesh)
-    sh = {"base": shardings(base_logical_axes(self.cfg, self.base), mesh, rules),
-          "pool": shardings(pool_logical_axes(self.pool.weights), mesh, rules),
-          "pages": NamedSharding(mesh, _spec(PAGES_AXES, rules))}
+    step with those shardings (:func:`mesh_shardings`, :func:`jit_mesh_step`); attention runs
+    per device inside ``shard_map`` (``engine_steps.ShardedAttention``)."""
+    sh = mesh_shardings(self.cfg, self.base, self.pool.weights, mesh, rules)
     self.base = jax.device_put(self.base, sh["base"])
     self.pool.weights = jax.device_put(self.pool.weights, sh["pool"])
     self.pages = jax.device_put(self.pages, sh["pages"])
     self.mesh, self._shardings, self._jits = mesh, sh, {}
-    kv_axis = rules.get("kv_heads")
-    self.attn = ATTENTION_FNS[self.attention_backend]
-    if self.attention_backend == "pallas" and kv_axis is not None and mesh.shape[kv_axis] > 1:
-      self.attn = engine_steps.ShardedAttention(self.attn, mesh, kv_axis)
+    self._rules = rules
+
+  def sharded_attention(self, split_rows: bool) -> engine_steps.ShardedAttention:
+    """The attention of this runner's step on its mesh (:func:`mesh_attention`)."""
+    return mesh_attention(self.attention_backend, self.mesh, self._rules, split_rows)
 
   def _step_fn(self, B: int):
     """The jitted step for batch bucket ``B``: without a mesh the module-level jit; on a mesh
-    one with explicit shardings (batch rows over ``data`` when ``B`` divides, else replicated)."""
+    :func:`jit_mesh_step` (batch rows over ``data`` when ``B`` divides, else replicated)."""
     if self.mesh is None:
       return functools.partial(engine_steps.step, self.cfg, self.mode, attn_fn=self.attn)
-    d = self.mesh.shape["data"]
-    split = d > 1 and B % d == 0
+    split = rows_split(self.mesh, B)
     if split not in self._jits:
-      rows = NamedSharding(self.mesh, P("data") if split else P())
-      batch_sh = StepBatch(*[rows] * len(step_batch.ARRAY_FIELDS))
-      logits_sh = NamedSharding(self.mesh, P("data" if split else None, None))
-      sh = self._shardings
-      self._jits[split] = jax.jit(
-          functools.partial(engine_steps.serving_step, self.cfg, self.mode, attn_fn=self.attn),
-          in_shardings=(sh["base"], sh["pool"], sh["pages"], batch_sh),
-          out_shardings=(logits_sh, sh["pages"]), donate_argnums=(2,))
+      self._jits[split] = jit_mesh_step(self.cfg, self.mode, self.attention_backend, self.mesh,
+                                        self._rules, self._shardings, split)
     return self._jits[split]
 
   def compiled_steps(self) -> int:
@@ -217,17 +252,17 @@ class DeviceRunner:
     (the live pages are untouched): ``[L, len(ids), 2K, hd]``. See ``Engine.context_kv``."""
     cfg = self.cfg
     n_pages = math.ceil(len(ids) / page_size)
-    pages = jnp.zeros((cfg.num_layers, n_pages + 1, page_size, 2 * cfg.num_kv_heads, cfg.head_dim),
-                      cfg.jnp_dtype)
+    pages = jnp.zeros(engine_steps.pool_shape(cfg, n_pages + 1, page_size), cfg.jnp_dtype)
     table = list(range(1, n_pages + 1))
     for start in range(0, len(ids), prefill_chunk):
       k = min(prefill_chunk, len(ids) - start)
       st = step_batch.build([step_batch.StepRow(ids, start, k, table, slot)], decode=False,
                             max_batch=1, prefill_chunk=prefill_chunk, max_pages=max_pages)
+      attn = self.attn if self.mesh is None else self.sharded_attention(False)
       _, pages = engine_steps.step(cfg, self.mode, self.base, self.pool.weights, pages, st.batch,
-                                   attn_fn=self.attn)
-    kv = np.asarray(pages)[:, 1:].reshape(cfg.num_layers, n_pages * page_size,
-                                          2 * cfg.num_kv_heads, cfg.head_dim)
+                                   attn_fn=attn)
+    kv = np.asarray(pages)[:, 1:].transpose(0, 1, 3, 2, 4).reshape(
+        cfg.num_layers, n_pages * page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
     return kv[:, :len(ids)]
 
 
