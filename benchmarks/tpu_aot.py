@@ -24,7 +24,6 @@ Writes the JSON and a markdown table beside it (``.md``) with the command, machi
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import platform

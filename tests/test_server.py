@@ -179,6 +179,34 @@ def test_errors_in_openai_format(server, body, raw, status, match):
   assert ok.status_code == 200
 
 
+def test_defaults_and_error_codes_clients_rely_on(server):
+  """No max_tokens: the rest of the context (OpenAI / vLLM), not 16; ``developer`` is the system
+  role; a context overflow says ``context_length_exceeded`` in ``code``."""
+  eng = server["engine"]
+  msgs = [{"role": "user", "content": "go on"}]
+  r = post(server, "/v1/chat/completions", dict(model="agent1", messages=msgs, temperature=0,
+                                                ignore_eos=True)).json()
+  prompt = r["usage"]["prompt_tokens"]
+  assert r["usage"]["completion_tokens"] == eng.max_request_tokens - prompt > 16
+  assert r["choices"][0]["finish_reason"] == "length"
+  as_system = post(server, "/v1/chat/completions", dict(
+      model="agent1", messages=[{"role": "system", "content": "be brief"}] + msgs, max_tokens=6,
+      temperature=0)).json()
+  as_developer = post(server, "/v1/chat/completions", dict(
+      model="agent1", messages=[{"role": "developer", "content": "be brief"}] + msgs,
+      max_tokens=6, temperature=0)).json()
+  # the same prompt: same length, same answer, and served from the system prompt's cache pages
+  assert as_developer["usage"]["prompt_tokens"] == as_system["usage"]["prompt_tokens"]
+  assert as_developer["usage"]["prompt_tokens_details"]["cached_tokens"] >= (
+      as_system["usage"]["prompt_tokens"] - PS)
+  assert as_developer["choices"][0]["message"] == as_system["choices"][0]["message"]
+  over = post(server, "/v1/completions", dict(model="agent1", prompt="x" * 20,
+                                              max_tokens=eng.max_seq_len))
+  assert over.status_code == 400
+  assert over.json()["error"]["code"] == "context_length_exceeded"
+  assert over.json()["error"]["param"] == "max_tokens"
+
+
 def test_api_key_required(server):
   for headers in ({}, {"Authorization": "Bearer wrong"}):
     r = httpx.post(server["url"] + "/v1/completions", headers=headers,

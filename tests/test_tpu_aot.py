@@ -11,10 +11,8 @@ Skipped, with the reason, only where libtpu is not installed (CI installs it:
 ``requirements-aot.txt``).
 """
 
-import dataclasses
 
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from icarus_jax.bench import aot

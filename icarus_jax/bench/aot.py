@@ -42,7 +42,7 @@ from icarus_jax.model.adapters import DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGE
 from icarus_jax.model.config import ModelConfig
 from icarus_jax.model.params import init_base_params
 from icarus_jax.model.sharding import AXES, load_rules
-from icarus_jax.serving import engine_steps, step_batch
+from icarus_jax.serving import engine_steps
 from icarus_jax.serving.adapter_pool import AdapterPool
 from icarus_jax.serving.runner import jit_mesh_step, mesh_shardings, rows_split
 from icarus_jax.serving.step_batch import StepBatch
@@ -233,6 +233,16 @@ class StepCase:
     return engine_steps.pool_shape(self.cfg, self.num_pages, self.page_size)
 
 
+def batch_structs(c: StepCase, rows: NamedSharding | None = None) -> StepBatch:
+  """The bucket ``(B, T, N)`` of ``c`` as a ``StepBatch`` of shapes (rows sharded by ``rows``)."""
+  def s(shape, dtype=jnp.int32):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
+  B, T, N = c.B, c.T, c.N
+  return StepBatch(tokens=s((B, T)), positions=s((B, T)), valid=s((B, T), jnp.bool_),
+                   page_table=s((B, N)), slots=s((B,)), dec_token=s((B,)), dec_pos=s((B,)),
+                   last_idx=s((B,)))
+
+
 def lower_serving_step(c: StepCase):
   """``Lowered`` of the engine's step for case ``c`` (see module docstring)."""
   mesh = tpu_mesh(c.topology, c.data, c.model)
@@ -241,13 +251,7 @@ def lower_serving_step(c: StepCase):
   pool = adapter_pool_shapes(c.cfg, c.mode, c.adapter_slots, c.rank)
   sh = mesh_shardings(c.cfg, base, pool, mesh, rules)
   split = rows_split(mesh, c.B)
-  rows = NamedSharding(mesh, P("data") if split else P())
-  i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32, sharding=rows)  # noqa: E731
-  B, T, N = c.B, c.T, c.N
-  batch = StepBatch(tokens=i32(B, T), positions=i32(B, T),
-                    valid=jax.ShapeDtypeStruct((B, T), jnp.bool_, sharding=rows),
-                    page_table=i32(B, N), slots=i32(B), dec_token=i32(B), dec_pos=i32(B),
-                    last_idx=i32(B))
+  batch = batch_structs(c, NamedSharding(mesh, P("data") if split else P()))
   pages = jax.ShapeDtypeStruct(c.pool_shape, c.cfg.jnp_dtype, sharding=sh["pages"])
   with engine_steps.layer_scan_unroll(c.unroll):
     fn = jit_mesh_step(c.cfg, c.mode, c.backend, mesh, rules, sh, split)
@@ -369,11 +373,7 @@ def export_serving_step_cuda(c: StepCase) -> Report:
   """The unsharded serving step (one GPU) exported for CUDA: every Pallas call lowers to Triton."""
   base = base_shapes(c.cfg)
   pool = adapter_pool_shapes(c.cfg, c.mode, c.adapter_slots, c.rank)
-  i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
-  B, T, N = c.B, c.T, c.N
-  batch = StepBatch(tokens=i32(B, T), positions=i32(B, T),
-                    valid=jax.ShapeDtypeStruct((B, T), jnp.bool_), page_table=i32(B, N),
-                    slots=i32(B), dec_token=i32(B), dec_pos=i32(B), last_idx=i32(B))
+  batch = batch_structs(c)
   pages = jax.ShapeDtypeStruct(c.pool_shape, c.cfg.jnp_dtype)
   attn = (engine_steps.PallasAttention(impl="gpu", interpret=False) if c.backend == "pallas"
           else engine_steps.paged_attention_reference)

@@ -86,6 +86,7 @@ class _Seq:
   retain_s: float = 0.0
   priority: int = 0
   cache_cursor: InsertCursor = dataclasses.field(default_factory=InsertCursor)
+  prefilling: bool = False  # admitted; its uncached tokens are computed a chunk per step
 
   @property
   def num_output(self) -> int:
@@ -425,6 +426,12 @@ class Engine:
     return False
 
   @property
+  def max_request_tokens(self) -> int:
+    """Most tokens (prompt + output) one request can hold: the context, or the whole KV pool
+    if that is smaller (``submit`` refuses more)."""
+    return min(self.max_seq_len, self.alloc.capacity * self.page_size)
+
+  @property
   def has_work(self) -> bool:
     return bool(self.waiting or self.running)
 
@@ -553,8 +560,12 @@ class Engine:
   # ------------------------------------------------------------------------------ steps
   def _run_rows(self, rows: list[tuple[_Seq, list[int], int]], decode: bool):
     """One runner step. ``rows``: (seq, new token ids, first position). Returns logits [n, V]."""
+    ps = self.page_size
+    # A row reads only the pages of positions < start + len(new): a chunk early in a long prompt
+    # runs in a small page bucket instead of the prompt's full one.
     step = step_batch.build(
-        [StepRow(seq.tokens, start, len(new), seq.page_table, seq.slot) for seq, new, start in rows],
+        [StepRow(seq.tokens, start, len(new), seq.page_table[:max(1, -(-(start + len(new)) // ps))],
+                 seq.slot) for seq, new, start in rows],
         decode=decode, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
         max_pages=self.max_pages_per_seq)
     self.shapes_seen.add((self.mode, decode) + step.shape)
@@ -673,91 +684,98 @@ class Engine:
     self.running.remove(victim)
     self._release_pages(victim, victim.tokens[:victim.num_computed])
     victim.num_computed = 0
+    victim.prefilling = False
     self.waiting.appendleft(victim)
     self.stats.preemptions += 1
     self._log("preempt", victim.rid)
     return victim
 
   def _prefill(self, seqs: list[_Seq], ride: Sequence[_Seq] = ()) -> None:
-    """Runs the admitted sequences' uncached tokens (chunked) and samples their next token.
+    """One prefill call: the next chunk (at most ``prefill_chunk`` tokens) of every prefilling
+    sequence in ``seqs`` (at most ``max_batch`` rows); a sequence whose last token ran samples its
+    next token. The rest of a long prompt runs in later steps, between decode steps, so running
+    requests keep their token rate while a long prompt arrives (chunked prefill).
 
-    ``ride``: decoding sequences (pages reserved) whose one new token joins the first call
-    (mixed step): a decode row is a prefill row with one token that completes it.
+    ``ride``: decoding sequences (pages reserved) whose one new token joins the call (mixed
+    step): a decode row is a prefill row with one token that completes it.
     """
     ride = list(ride)
     riding = set(map(id, ride))
-    pending = ride + list(seqs)
-    while pending:
-      rows, done = [], []
-      for s in pending[:self.max_batch]:
-        start = s.num_computed
-        new = s.tokens[start:start + self.prefill_chunk]
-        rows.append((s, new, start))
-      rows, logits = self._run_rows_isolated(rows, decode=False)
-      for (s, new, start), lg in zip(rows, logits):
-        s.num_computed = start + len(new)
-        if id(s) in riding:
-          self.stats.decode_tokens += 1
-        else:
-          self.stats.prefill_tokens_computed += len(new)
-          self.stats.per_adapter[s.adapter]["prefill_tokens_computed"] += len(new)
-        if s.num_computed == len(s.tokens):
-          done.append((s, lg))
-      pending = [s for s in pending if s.num_computed < len(s.tokens) and not s.out.finished
-                 and id(s) not in riding]
-      if done:
-        for s, _ in done:  # full pages of the prompt become shareable right away
-          self.cache.insert(s.ns, s.tokens, s.page_table, include_partial=False,
-                            cursor=s.cache_cursor)  # s.tokens: all computed, no copy
-        lg = self.runner.stack([d[1] for d in done])
-        self._sample_and_append([d[0] for d in done], lg)
+    rows, done = [], []
+    for s in (ride + list(seqs))[:self.max_batch]:
+      start = s.num_computed
+      rows.append((s, s.tokens[start:start + self.prefill_chunk], start))
+    if not rows:
+      return
+    rows, logits = self._run_rows_isolated(rows, decode=False)
+    for (s, new, start), lg in zip(rows, logits):
+      s.num_computed = start + len(new)
+      if id(s) in riding:
+        self.stats.decode_tokens += 1
+      else:
+        self.stats.prefill_tokens_computed += len(new)
+        self.stats.per_adapter[s.adapter]["prefill_tokens_computed"] += len(new)
+      if s.num_computed == len(s.tokens):
+        s.prefilling = False
+        done.append((s, lg))
+      elif id(s) not in riding and s.num_computed >= self.page_size:
+        # the full pages computed so far are shareable now (the next step's admissions reuse
+        # them instead of waiting for the whole prompt)
+        self.cache.insert(s.ns, s.tokens[:s.num_computed], s.page_table, include_partial=False,
+                          cursor=s.cache_cursor)
+    if done:
+      for s, _ in done:  # full pages of the prompt become shareable right away
+        self.cache.insert(s.ns, s.tokens, s.page_table, include_partial=False,
+                          cursor=s.cache_cursor)  # s.tokens: all computed, no copy
+      lg = self.runner.stack([d[1] for d in done])
+      self._sample_and_append([d[0] for d in done], lg)
 
   def step(self) -> list[RequestOutput]:
-    """Admit, prefill, decode once. Returns the requests that finished in this step."""
+    """Admit, run one prefill chunk of every prefilling request, decode once. Returns the
+    requests that finished in this step."""
     self.stats.steps += 1
     self._pinned = set()
     self._expire_retained()
     before = {s.rid for s in itertools.chain(self.waiting, self.running)}
     admitted: list[_Seq] = []
-    blocked = False
     ride: list[_Seq] = []
-    if self.mixed_steps:  # decodes first get their pages, then ride along the first prefill
+    if self.mixed_steps:  # decodes first get their pages, then ride along the prefill call
       ride = self._reserve_decode_pages(
-          [s for s in self.running if s.num_computed == len(s.tokens) - 1])
-    while self.waiting and not blocked and len(self.running) < self.max_batch:
-      # A wave ends where a request shares a page-sized prefix with one admitted in the same
-      # wave: it waits until that prefix is computed and cached, then reuses it (fan-out).
-      wave: list[_Seq] = []
-      no_slot: list[_Seq] = []
-      while self.waiting and len(self.running) + len(wave) < self.max_batch:
-        seq = self.waiting[0]
-        if any(self._shares_page(seq, w) for w in wave):
-          break
-        try:
-          resident = seq.adapter is None or self._make_resident(seq.adapter)
-        except Exception as e:  # noqa: BLE001 - e.g. its file vanished: this request fails alone
-          self._fail(seq, f"cannot load adapter {seq.adapter!r}: {type(e).__name__}: {e}")
-          continue
-        if not resident:
-          no_slot.append(self.waiting.popleft())  # every slot busy: let the others by
-          continue
-        if not self._admit(seq, idle=not self.running and not wave and not admitted):
-          blocked = True
-          break
-        wave.append(self.waiting.popleft())
-      self.waiting.extendleft(reversed(no_slot))  # they keep their place at the front
-      if not wave:
+          [s for s in self.running if not s.prefilling and s.num_computed == len(s.tokens) - 1])
+    prefilling = [s for s in self.running if s.prefilling]
+    no_slot: list[_Seq] = []
+    while self.waiting and len(self.running) < self.max_batch:
+      # A request that shares a page-sized prefix with one still prefilling (admitted now or
+      # in an earlier step) waits until that prefix is computed and cached, then reuses it
+      # (fan-out); admission is FIFO, so the requests behind it wait too.
+      seq = self.waiting[0]
+      if any(self._shares_page(seq, w) for w in prefilling):
         break
-      self.running.extend(wave)
-      ride = [s for s in ride if s in self.running]  # admission never preempts, but be exact
-      self._prefill(wave, ride)
-      ride = []
-      admitted += wave
+      try:
+        resident = seq.adapter is None or self._make_resident(seq.adapter)
+      except Exception as e:  # noqa: BLE001 - e.g. its file vanished: this request fails alone
+        self._fail(seq, f"cannot load adapter {seq.adapter!r}: {type(e).__name__}: {e}")
+        continue
+      if not resident:
+        no_slot.append(self.waiting.popleft())  # every slot busy: let the others by
+        continue
+      if not self._admit(seq, idle=not self.running and not admitted):
+        break
+      self.waiting.popleft()
+      seq.prefilling = True
+      self.running.append(seq)
+      prefilling.append(seq)
+      admitted.append(seq)
+    self.waiting.extendleft(reversed(no_slot))  # they keep their place at the front
+    ride = [s for s in ride if s in self.running]  # admission never preempts, but be exact
+    prefilling = [s for s in prefilling if s in self.running and not s.out.finished]
+    if prefilling:
+      self._prefill(prefilling, ride)
     if self.mixed_steps:
-      decoding = [s for s in ride if s in self.running]  # no prefill to ride on this step
+      decoding = [s for s in ride if s in self.running] if not prefilling else []
     else:
-      decoding = [s for s in self.running
-                  if s.num_computed == len(s.tokens) - 1 and s not in admitted]
+      decoding = [s for s in self.running if not s.prefilling and s not in prefilling
+                  and s.num_computed == len(s.tokens) - 1]  # one token per request per step
       decoding = self._reserve_decode_pages(decoding)
     if decoding:
       rows = [(s, [s.tokens[s.num_computed]], s.num_computed) for s in decoding]

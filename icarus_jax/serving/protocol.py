@@ -50,7 +50,7 @@ class SamplingRequest(_Body):
   """Fields every generation request shares (completions and chat)."""
   model_config = ConfigDict(extra="ignore")
   model: str
-  max_tokens: int | None = Field(default=16, ge=1)
+  max_tokens: int | None = Field(default=None, ge=1)  # None: the rest of the context
   max_completion_tokens: int | None = Field(default=None, ge=1)
   temperature: float = Field(default=1.0, ge=0.0, le=2.0)
   top_p: float = Field(default=1.0, gt=0.0, le=1.0)
@@ -76,7 +76,7 @@ class CompletionRequest(SamplingRequest):
 
 class ChatMessage(_Body):
   model_config = ConfigDict(extra="ignore")
-  role: Literal["system", "user", "assistant", "tool"]
+  role: Literal["system", "developer", "user", "assistant", "tool"]
   content: str | list[dict[str, Any]]
 
 

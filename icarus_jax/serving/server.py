@@ -98,13 +98,13 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
     adapter_loader = lambda path, name: load_adapter(  # noqa: E731
         path, kind=kind, name=name, base_fingerprint=trusted)
 
-  def _err(status, message, type_="invalid_request_error", param=None):
+  def _err(status, message, type_="invalid_request_error", param=None, code=None):
     metrics.http_errors.labels(str(status)).inc()
-    return error_response(status, message, type_, param)
+    return error_response(status, message, type_, param, code)
 
   @app.exception_handler(APIError)
   async def _api_error(_, e: APIError):
-    return _err(e.status, e.message, e.type, e.param)
+    return _err(e.status, e.message, e.type, e.param, e.code)
 
   @app.exception_handler(RequestValidationError)
   async def _validation_error(_, e: RequestValidationError):
@@ -144,8 +144,13 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
   async def adapter_names() -> list[str]:
     return await aengine.acall(lambda e: list(e.adapter_names))
 
-  def sampling_for(req: SamplingRequest, index: int) -> SamplingParams:
-    max_tokens = req.max_completion_tokens or req.max_tokens or 16
+  def max_tokens_of(req: SamplingRequest, prompt_len: int) -> int:
+    """``max_completion_tokens`` or ``max_tokens``; neither: the rest of the context (as OpenAI
+    and vLLM do), bounded by what the KV pool can hold for one request."""
+    return (req.max_completion_tokens or req.max_tokens
+            or max(1, engine.max_request_tokens - prompt_len))
+
+  def sampling_for(req: SamplingRequest, index: int, max_tokens: int) -> SamplingParams:
     stop_ids = list(req.stop_token_ids or [])
     eos = getattr(tokenizer, "eos_id", None)
     if not req.ignore_eos and eos is not None:
@@ -178,7 +183,9 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
     gens: list[_Gen] = []
     try:
       for i in range(req.n):
-        rid, q = await aengine.submit(prompt_ids, adapter, sampling_for(req, i), tenant=tenant)
+        rid, q = await aengine.submit(prompt_ids, adapter,
+                                      sampling_for(req, i, max_tokens_of(req, len(prompt_ids))),
+                                      tenant=tenant)
         gens.append(_Gen(i, rid, q, StopStringMatcher(tokenizer, stops)))
     except EngineDeadError as e:
       raise APIError(503, f"the engine is not running ({e}); the server must be restarted",
@@ -242,7 +249,7 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
     adapter = resolve_model(req.model)
     check_unsupported(req)
     stops = stop_strings(req)
-    max_tokens = req.max_completion_tokens or req.max_tokens or 16
+    max_tokens = max_tokens_of(req, len(prompt_ids))
     if prompt_ids and len(prompt_ids) + max_tokens > engine.max_seq_len:
       raise APIError(400, f"This model's maximum context length is {engine.max_seq_len} tokens. "
                           f"However, you requested {len(prompt_ids) + max_tokens} tokens "
@@ -334,7 +341,7 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
         yield "data: [DONE]\n\n"
       except APIError as e:
         err = {"error": {"message": e.message, "type": e.type, "param": e.param,
-                         "code": str(e.status)}}
+                         "code": e.code or str(e.status)}}
         yield f"data: {json.dumps(err)}\n\n"
       finally:
         for fut in pending:
@@ -386,7 +393,9 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
   @app.post("/v1/chat/completions")
   async def chat_completions(req: ChatRequest, request: Request):
     try:
-      ids = chat_template.encode([m.model_dump() for m in req.messages])
+      # ``developer`` (OpenAI's newer name for the system role) is rendered as ``system``
+      ids = chat_template.encode([{**m.model_dump(), "role": "system" if m.role == "developer"
+                                   else m.role} for m in req.messages])
     except IcarusError as e:
       raise APIError(400, str(e), param="messages") from None
     return await run_request(req, ids, request, chat=True)
