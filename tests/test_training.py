@@ -158,7 +158,7 @@ def test_jsonl_chat_and_plain(tmp_path):
                                         {"role": "assistant", "content": "hello"}]}) + "\n"
                + json.dumps({"prompt": "1+1=", "response": "2"}) + "\n")
   exs = load_jsonl(f)
-  assert exs[0] == {"prompt": "user: hi\nassistant: ", "response": "hello"}
+  assert exs[0]["messages"][1] == {"role": "assistant", "content": "hello"}  # kept as a chat
   assert exs[1]["response"] == "2"
   ds = make_dataset(exs, TOK, batch_size=2, seq_len=32, seed=0)
   b = ds[0]

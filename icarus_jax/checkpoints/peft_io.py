@@ -126,6 +126,18 @@ def _read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict]:
   return tensors, meta
 
 
+def adapter_name(path: str | os.PathLike) -> str:
+  """The serving name of an adapter directory: the one recorded at training
+  (``adapter_config.json`` -> ``icarus.name``), else the directory's name."""
+  path = Path(path)
+  try:
+    meta = _read_config(path).get("icarus") or {}
+  except CheckpointError:  # unreadable: loading it reports why
+    meta = {}
+  name = meta.get("name") if isinstance(meta, dict) else None
+  return name if isinstance(name, str) and name else path.name
+
+
 def load_adapter(path: str | os.PathLike, *, kind: str | None = None, name: str | None = None,
                  base_fingerprint: str | None = None, dtype: str | None = None) -> Adapter:
   """Reads an adapter directory written by ``save_adapter`` or by PEFT.

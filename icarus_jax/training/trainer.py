@@ -68,10 +68,12 @@ def run(cfg: ModelConfig, base: Params, tc: TrainConfig, dataset, workdir: str |
     from tqdm.auto import tqdm
     bar = tqdm(total=tc.total_steps, initial=step, desc=f"train {tc.mode} {name}", leave=False)
   t0 = time.time()
+  t_tok, n_tok = time.time(), 0  # tokens/s over the steps since the last log
   acc_metrics: list[dict] = []
   while step < tc.total_steps:
     for m in range(micro):
       batch = dataset[step * micro + m]
+      n_tok += int(np.size(batch["inputs"]))
       adapter, opt_state, met = train_step(cfg, adapter, opt_state, base, batch, tx=tx)
       acc_metrics.append(met)
     step += 1
@@ -81,13 +83,15 @@ def run(cfg: ModelConfig, base: Params, tc: TrainConfig, dataset, workdir: str |
       rec = {"step": step, "time_s": round(time.time() - t0, 3)}
       for k in acc_metrics[0]:
         rec[k] = float(np.mean([float(a[k]) for a in acc_metrics]))
+      rec["tokens_per_s"] = round(n_tok / max(time.time() - t_tok, 1e-9), 1)
+      t_tok, n_tok = time.time(), 0
       if eval_fn is not None:
         rec.update({f"eval_{k}": v for k, v in eval_fn(adapter).items()})
       history.append(rec)
       with metrics_path.open("a") as f:
         f.write(json.dumps(rec) + "\n")
       if bar is not None:
-        bar.set_postfix(loss=f"{rec['loss']:.3f}")
+        bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
     acc_metrics = [] if (step % log_every == 0) else acc_metrics
     if step % save_every == 0 or step == tc.total_steps or step == stop_after:
       mgr.save(step, args=ocp.args.StandardSave({"params": adapter.params, "opt_state": opt_state}))
