@@ -45,6 +45,11 @@ flags.DEFINE_integer("long_steps", 300, "Steps per run for tasks with sequences 
 flags.DEFINE_string("base", "small_base_long", "Base model (HF dir, .gguf, or a named base); "
                     "default: the embedded base pretrained to about 20 tokens per parameter.")
 flags.DEFINE_integer("rank", 16, "LoRA rank (alpha = 2 x rank).")
+flags.DEFINE_integer("batch_size", 32, "Examples per step.")
+flags.DEFINE_integer("warmup", 20, "Warmup steps.")
+flags.DEFINE_bool("probe_first", False, "Before the sweeps, one run per task (the first LoRA "
+                  "method's middle LR, first seed) to see whether the task discriminates; the "
+                  "record is the sweep's, so nothing is run twice.")
 flags.DEFINE_integer("log_every", 20, "Loss-curve resolution (steps); validation loss too.")
 flags.DEFINE_integer("val_examples", 200, "Validation examples (selection and curves).")
 flags.DEFINE_integer("eval_examples", 500, "Held-out test examples per task.")
@@ -100,7 +105,7 @@ def main(argv):
   jsonl = out / "accuracy.jsonl"
   config = {k: FLAGS[k].value for k in ("tasks", "methods", "seeds", "lora_lrs", "full_lrs",
                                         "steps", "long_steps", "rank", "val_examples",
-                                        "eval_examples")}
+                                        "eval_examples", "batch_size", "warmup")}
   config.update(command="python -m " + " ".join(["launch.accuracy_table"] + argv[1:]),
                 machine=f"{platform.machine()}, {os.cpu_count()} cores",
                 base=FLAGS.base or "icarus_jax/assets/small_base")
@@ -130,7 +135,7 @@ def main(argv):
   # (+ one majority-answer record per task, not counted: it costs no training)
   bar = tqdm(total=n_jobs, initial=len(done), desc="accuracy_table runs")
 
-  for task in FLAGS.tasks:
+  def run_task(task, probe_only):
     seq_len = TASK_SEQ_LEN.get(task, 256)
     steps = FLAGS.long_steps if seq_len > 32 else FLAGS.steps
     val = examples_source(task, "validation", data_dir=tfds_dir,
@@ -158,6 +163,7 @@ def main(argv):
         adapter, hist, res = train_one(
             mode=mode, task=task, targets=targets, rank=FLAGS.rank, alpha=2.0 * FLAGS.rank,
             steps=steps, lr=lr, seed=seed, workdir=wd, tfds_dir=tfds_dir, save_every=steps,
+            batch_size=FLAGS.batch_size, warmup=FLAGS.warmup,
             tfds_config=FLAGS.tfds_config,
             base=(cfg, base), tokenizer=(tok, chat), log_every=FLAGS.log_every,
             eval_fn=lambda a: {"val_loss": float(eval_loss(cfg, a, base, v_batch)["loss"])})
@@ -201,6 +207,11 @@ def main(argv):
       append_record(jsonl, rec)
       done[key(rec)] = rec
 
+    if probe_only:
+      lora = [m for m in FLAGS.methods if not m.endswith("full")] or FLAGS.methods
+      grid = lr_grid(lora[0])
+      train_eval(lora[0], grid[len(grid) // 2], seeds[0], "sweep")
+      return
     for method in FLAGS.methods:
       sweep = []
       for lr in lr_grid(method):
@@ -212,6 +223,12 @@ def main(argv):
     train_eval("base", 0.0, 0, "final")
     chance()
     write_summary(list(done.values()), out, config)
+
+  if FLAGS.probe_first:
+    for task in FLAGS.tasks:
+      run_task(task, probe_only=True)
+  for task in FLAGS.tasks:
+    run_task(task, probe_only=False)
   bar.close()
   summary = write_summary(read_records(jsonl), out, config)
   print((out / "accuracy.table.md").read_text())

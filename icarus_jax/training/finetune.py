@@ -33,7 +33,9 @@ def method_config(method: str) -> tuple[str, tuple[str, ...] | None]:
 
 TASK_SEQ_LEN = {"addition": 32, "sorting": 32, "reversal": 32, "kv_lookup": 64, "kv_recall": 32, "play": 128, "next_word": 64,
                 "add2": 32,
-                "city_year": 96, "topic": 96}
+                "city_year": 96, "topic": 96,
+                # SmolLM2 token counts incl. chat template (max over all splits + 1)
+                "word_problem": 88, "json_extract": 121, "word_sort": 72}
 
 
 def train_one(*, mode, task, base_path=None, rank=8, alpha=16.0, targets=None, steps=300,

@@ -39,6 +39,17 @@ Natural-language tasks for a real model with a real tokenizer and chat template 
   person is a distractor, so the answer must be read from the right place in the context).
 * ``topic``: two sentences on one of five topics plus one distractor sentence on another topic,
   shuffled -> the majority topic's name in lower case (classification, closed label set).
+
+Harder natural-language tasks (the accuracy study, ``launch.accuracy_real``; answers are exact
+strings in a stated format, checked by an independent solver in ``tests/test_tasks_real.py``):
+
+* ``word_problem``: a person starts with some objects, then 2..3 events add or remove some
+  (numbers 2..20, never below zero) -> the final count as digits (multi-step arithmetic in words).
+* ``json_extract``: an order note in one of several phrasings (with a distractor number: the
+  day of the month) -> ``{"name": ..., "item": ..., "quantity": n, "city": ...}`` with keys in
+  that order and the item in singular (multi-field extraction into JSON).
+* ``word_sort``: 4..6 distinct common words -> the words in alphabetical order, ``", "``-separated
+  (reordering words).
 """
 
 from __future__ import annotations
@@ -155,6 +166,62 @@ def _topic(rng: random.Random) -> Example:
                     f"music, food or travel?\nText: {' '.join(parts)}", "response": label}
 
 
+_PEOPLE = ("Mia", "Leo", "Ava", "Noah", "Zoe", "Omar", "Lena", "Ivan", "Sara", "Yuki", "Tom", "Ana")
+_OBJECTS = ("marbles", "stickers", "apples", "coins", "books", "shells", "pencils", "cards")
+#: (sentence with {who} {n} {obj}, sign)
+_EVENTS = (("{who} found {n} more {obj}.", 1), ("A friend gave {who} {n} {obj}.", 1),
+           ("{who} bought {n} {obj}.", 1), ("{who} gave away {n} {obj}.", -1),
+           ("{who} lost {n} {obj}.", -1), ("{who} sold {n} {obj}.", -1))
+
+
+def _word_problem(rng: random.Random) -> Example:
+  who, obj = rng.choice(_PEOPLE), rng.choice(_OBJECTS)
+  have = rng.randint(5, 20)
+  lines = [f"{who} had {have} {obj}."]
+  for _ in range(rng.randint(2, 3)):
+    text, sign = rng.choice(_EVENTS)
+    if sign < 0 and have < 2:
+      text, sign = _EVENTS[0]
+    n = rng.randint(2, 20) if sign > 0 else rng.randint(1, min(have, 20))
+    have += sign * n
+    lines.append(text.format(who=who, n=n, obj=obj))
+  return {"prompt": " ".join(lines) + f"\nHow many {obj} does {who} have now? Answer with the "
+                    "number only.", "response": str(have)}
+
+
+_ITEMS = ("lamp", "chair", "kettle", "backpack", "blanket", "mirror", "clock", "umbrella")
+_MONTHS = ("January", "March", "May", "July", "September", "November")
+_ORDER = ("{name} ordered {q} {items} to be delivered to {city} on {month} {day}.",
+          "On {month} {day}, {name} asked for {q} {items}, shipping to {city}.",
+          "Delivery to {city}: {q} {items} for {name} (placed {month} {day}).",
+          "{q} {items} were bought by {name} on {month} {day}; send them to {city}.")
+
+
+def _json_extract(rng: random.Random) -> Example:
+  name = f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+  item, city = rng.choice(_ITEMS), rng.choice(_CITIES)
+  q, day = rng.randint(2, 9), rng.randint(10, 28)
+  note = rng.choice(_ORDER).format(name=name, q=q, items=item + "s", city=city,
+                                   month=rng.choice(_MONTHS), day=day)
+  return {"prompt": f"Order note: {note}\nExtract the order as JSON with the keys name, item "
+                    "(singular), quantity (a number) and city, in that order.",
+          "response": '{"name": "%s", "item": "%s", "quantity": %d, "city": "%s"}'
+                      % (name, item, q, city)}
+
+
+_WORDS = ("river", "apple", "cloud", "pencil", "garden", "window", "tiger", "ladder", "orange",
+          "bridge", "candle", "forest", "monkey", "planet", "silver", "basket", "engine", "violin",
+          "harbor", "jacket", "kitten", "lemon", "marble", "needle", "oyster", "pillow", "rocket",
+          "saddle", "tunnel", "wallet")
+
+
+def _word_sort(rng: random.Random) -> Example:
+  words = rng.sample(_WORDS, rng.randint(4, 6))
+  return {"prompt": "Sort these words alphabetically: " + ", ".join(words)
+                    + "\nAnswer with the sorted words, separated by commas.",
+          "response": ", ".join(sorted(words))}
+
+
 def _kv_recall(rng: random.Random) -> Example:
   return _key_value(rng, 3, 4, "=")
 
@@ -244,13 +311,16 @@ TASKS: dict[str, Callable[..., Example]] = {
     "add2": _add2,
     "city_year": _city_year,
     "topic": _topic,
+    "word_problem": _word_problem,
+    "json_extract": _json_extract,
+    "word_sort": _word_sort,
     "play": _play,
     "next_word": _next_word,
 }
 #: Tasks whose generator also takes the split (their items are assigned to splits up front).
 SPLIT_POOL_TASKS = ("play", "next_word")
 #: Tasks in natural language, meant for a real tokenizer and chat template.
-CHAT_TASKS = ("city_year", "topic")
+CHAT_TASKS = ("city_year", "topic", "word_problem", "json_extract", "word_sort")
 SPLIT_SEEDS = {"train": 1, "test": 2, "validation": 3}
 
 
