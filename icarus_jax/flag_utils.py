@@ -73,3 +73,15 @@ def dataclass_from_flags(cls, *, skip: tuple[str, ...] = (), flag_values=flags.F
       v = tuple(v)
     kw[f.name] = v
   return cls(**kw)
+
+
+def quiet_logs(flag_values) -> None:
+  """Library INFO logs (Orbax, absl, JAX, TFDS) off unless the user asked with ``--verbosity``
+  (or ``-v``): an entry point's own output and progress bar stay readable."""
+  import logging
+  from absl import logging as absl_logging
+  if flag_values["verbosity"].present:
+    return
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  for name in ("absl", "orbax", "jax", "etils", "tensorflow_datasets"):
+    logging.getLogger(name).setLevel(logging.WARNING)

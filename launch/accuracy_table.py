@@ -47,8 +47,8 @@ flags.DEFINE_string("base", "small_base_long", "Base model (HF dir, .gguf, or a 
 flags.DEFINE_integer("rank", 16, "LoRA rank (alpha = 2 x rank).")
 flags.DEFINE_integer("batch_size", 32, "Examples per step.")
 flags.DEFINE_integer("warmup", 20, "Warmup steps.")
-flags.DEFINE_bool("probe_first", False, "Before the sweeps, one run per task (the first LoRA "
-                  "method's middle LR, first seed) to see whether the task discriminates; the "
+flags.DEFINE_bool("probe_first", False, "Before the sweeps, one run per task (lora_matched's "
+                  "middle LR, first seed) to see whether the task discriminates; the "
                   "record is the sweep's, so nothing is run twice.")
 flags.DEFINE_integer("log_every", 20, "Loss-curve resolution (steps); validation loss too.")
 flags.DEFINE_integer("val_examples", 200, "Validation examples (selection and curves).")
@@ -99,6 +99,8 @@ def write_summary(records: list[dict], out: Path, config: dict) -> dict:
 
 
 def main(argv):
+  from icarus_jax.flag_utils import quiet_logs
+  quiet_logs(FLAGS)
   from icarus_jax.training.accuracy_report import append_record, means, read_records
   out = Path(FLAGS.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -127,6 +129,11 @@ def main(argv):
   tok, chat = load_base_tokenizer(FLAGS.base)
   seeds = [int(s) for s in FLAGS.seeds]
 
+  def answer_budget(answers) -> int:
+    """Greedy tokens to generate: the longest reference answer plus its end token and a margin
+    (a fixed budget would cut long answers, e.g. JSON, and score them wrong)."""
+    return max(len(tok.encode(a)) for a in answers) + 2
+
   def key(r):
     return (r["phase"], r["task"], r["method"], r["seed"], r["lr"])
 
@@ -148,7 +155,8 @@ def main(argv):
       """The only place the test split is read: once per final run."""
       test = examples_source(task, "test", data_dir=tfds_dir, tfds_config=FLAGS.tfds_config)
       prompts, answers = eval_prompts(test, tok, FLAGS.eval_examples, chat)
-      acc, texts = exact_match_accuracy(cfg, base, adapter, prompts, answers, tok)
+      acc, texts = exact_match_accuracy(cfg, base, adapter, prompts, answers, tok,
+                                        max_new_tokens=answer_budget(answers))
       return acc, len(answers), texts[:3]
 
     def train_eval(method, lr, seed, phase):
@@ -177,7 +185,8 @@ def main(argv):
           dst = Path(FLAGS.export_adapters) / f"{task}-{method}"
           shutil.rmtree(dst, ignore_errors=True)
           shutil.copytree(wd / "adapter", dst)
-      rec["val_acc"], _ = exact_match_accuracy(cfg, base, adapter, v_prompts, v_answers, tok)
+      rec["val_acc"], _ = exact_match_accuracy(cfg, base, adapter, v_prompts, v_answers, tok,
+                                               max_new_tokens=answer_budget(v_answers))
       if phase == "final":
         acc, n, samples = test_eval(adapter)
         rec.update(test_acc=acc, test_correct=int(round(acc * n)), test_n=n, samples=samples)
@@ -208,9 +217,10 @@ def main(argv):
       done[key(rec)] = rec
 
     if probe_only:
-      lora = [m for m in FLAGS.methods if not m.endswith("full")] or FLAGS.methods
-      grid = lr_grid(lora[0])
-      train_eval(lora[0], grid[len(grid) // 2], seeds[0], "sweep")
+      # the matched control decides whether a task discriminates (neither floor nor ceiling)
+      probe = "lora_matched" if "lora_matched" in FLAGS.methods else FLAGS.methods[0]
+      grid = lr_grid(probe)
+      train_eval(probe, grid[len(grid) // 2], seeds[0], "sweep")
       return
     for method in FLAGS.methods:
       sweep = []

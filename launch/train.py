@@ -22,7 +22,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from icarus_jax.flag_utils import define_dataclass_flags
+from icarus_jax.flag_utils import define_dataclass_flags, quiet_logs
 from icarus_jax.training.objective import TrainConfig
 
 #: flag / config-file names used before the flags were generated from TrainConfig
@@ -63,19 +63,9 @@ flags.DEFINE_string("coordinator", None, "jax.distributed coordinator host:port 
 flags.DEFINE_integer("num_processes", None, "Processes in the jax.distributed job.")
 flags.DEFINE_integer("process_id", None, "This process's index in the jax.distributed job.")
 
-def quiet_logs() -> None:
-  """Library INFO logs (Orbax, absl, JAX) off unless the user asked with --verbosity / -v."""
-  import logging
-  from absl import logging as absl_logging
-  if not FLAGS["verbosity"].present:
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    for name in ("absl", "orbax", "jax", "etils"):
-      logging.getLogger(name).setLevel(logging.WARNING)
-
-
 def main(argv):
   del argv
-  quiet_logs()
+  quiet_logs(FLAGS)
   from icarus_jax.model.sharding import maybe_initialize_distributed
   maybe_initialize_distributed(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   kw = {}

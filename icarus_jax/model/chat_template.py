@@ -120,7 +120,11 @@ def validate_tools(tools) -> list[dict] | None:
                         f"'description': str, 'parameters': JSON schema}}}}")
     if not isinstance(fn.get("parameters", {}), dict):
       raise IcarusError(f"tools[{j}].function.parameters must be a JSON schema object")
-  return [{"type": "function", "function": t["function"]} for t in tools] or None
+  # canonical: the fields a template renders, in one order (clients add others, e.g. "strict",
+  # and would otherwise render different prompts for the same tool and share no cache)
+  keys = ("name", "description", "parameters")
+  return [{"type": "function", "function": {k: t["function"][k] for k in keys
+                                            if k in t["function"]}} for t in tools] or None
 
 
 def tool_call_text(name: str, arguments: dict) -> str:

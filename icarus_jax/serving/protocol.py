@@ -67,6 +67,12 @@ class SamplingRequest(_Body):
   user: str | None = None
   cache_salt: str | None = None
   return_token_ids: bool = False
+  # accepted so that they are refused by name (400) rather than silently ignored
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  repetition_penalty: float = 1.0
+  min_p: float = 0.0
+  logit_bias: dict[str, float] | None = None
 
 
 class CompletionRequest(SamplingRequest):
@@ -75,13 +81,29 @@ class CompletionRequest(SamplingRequest):
 
 
 class ChatMessage(_Body):
+  """A message as OpenAI clients send it: ``content`` may be null on an assistant message that
+  carries ``tool_calls``; a ``tool`` message answers one call (``tool_call_id``)."""
   model_config = ConfigDict(extra="ignore")
   role: Literal["system", "developer", "user", "assistant", "tool"]
-  content: str | list[dict[str, Any]]
+  content: str | list[dict[str, Any]] | None = None
+  tool_calls: list[dict[str, Any]] | None = None
+  tool_call_id: str | None = None
+  name: str | None = None
+
+  @model_validator(mode="after")
+  def _content_or_calls(self):
+    if self.content is None and not (self.role == "assistant" and self.tool_calls):
+      raise ValueError("content is required (it may be null only on an assistant message with "
+                       "tool_calls)")
+    return self
 
 
 class ChatRequest(SamplingRequest):
   messages: list[ChatMessage] = Field(min_length=1)
+  tools: list[dict[str, Any]] | None = Field(default=None, max_length=128)
+  tool_choice: str | dict[str, Any] | None = None
+  parallel_tool_calls: bool | None = None
+  response_format: dict[str, Any] | None = None
 
 
 class LoadLoraRequest(_Body):

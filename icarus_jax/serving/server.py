@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from icarus_jax.serving.async_engine import AsyncEngine, EngineDeadError
 from icarus_jax.model.chat_template import ChatTemplate
+from icarus_jax.serving.tool_calls import ToolCallStream, parse_tool_calls, parser_for
 from icarus_jax.serving.engine import RequestOutput
 from icarus_jax.errors import IcarusError, RequestTooLargeError, UnknownAdapterError
 from icarus_jax.serving.protocol import (APIError, ChatRequest, CompletionRequest, LoadLoraRequest,
@@ -86,6 +87,7 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
   """
   engine = aengine.engine
   chat_template = chat_template or ChatTemplate(tokenizer)
+  tool_parser = parser_for(chat_template.template)
   metrics = ServerMetrics(aengine)
   created = int(time.time())
   app = FastAPI(title="icarus-jax", version="0.1.0")
@@ -176,6 +178,16 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
     if req.top_logprobs not in (None, 0):
       raise APIError(400, "top_logprobs is not supported by this server yet; omit it",
                      param="top_logprobs")
+    defaults = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "repetition_penalty": 1.0,
+                "min_p": 0.0, "logit_bias": None}
+    for field, default in defaults.items():
+      if getattr(req, field) not in (default, {}):
+        raise APIError(400, f"{field} is not supported by this server yet; omit it (it would "
+                            f"otherwise be ignored)", param=field)
+    rf = getattr(req, "response_format", None)
+    if rf is not None and rf.get("type", "text") != "text":
+      raise APIError(400, f"response_format type {rf.get('type')!r} is not supported by this "
+                          f"server yet; accepted: 'text'", param="response_format")
 
   async def start(req: SamplingRequest, prompt_ids: list[int], adapter: str | None, request: Request,
                   stops: list[str]) -> list[_Gen]:
@@ -245,7 +257,7 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
             "prompt_tokens_details": {"cached_tokens": cached}}
 
   async def run_request(req: SamplingRequest, prompt_ids: list[int], request: Request, *, chat: bool,
-                        echo_text: str = ""):
+                        echo_text: str = "", tool_parser: str | None = None):
     adapter = resolve_model(req.model)
     check_unsupported(req)
     stops = stop_strings(req)
@@ -281,6 +293,12 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
         c: dict[str, Any] = {"index": g.index, "finish_reason": g.finish_reason}
         if chat:
           c["message"] = {"role": "assistant", "content": g.text}
+          if tool_parser is not None:
+            content, calls = parse_tool_calls(g.text, tool_parser)
+            if calls:
+              c["message"] = {"role": "assistant", "content": content or None,
+                              "tool_calls": calls}
+              c["finish_reason"] = g.finish_reason = "tool_calls"
         else:
           c["text"] = echo_text + g.text
           c["logprobs"] = None
@@ -293,10 +311,15 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
     include_usage = bool((req.stream_options or {}).get("include_usage"))
     chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(g: _Gen, text: str, finish: str | None, first: bool = False, token_ids=None):
+    streams = {g.index: ToolCallStream(tool_parser) for g in gens} if tool_parser else {}
+
+    def chunk(g: _Gen, text: str, finish: str | None, first: bool = False, token_ids=None,
+              calls=None):
       if chat:
         delta: dict[str, Any] = {"role": "assistant", "content": text} if first else (
             {"content": text} if text else {})
+        if calls:
+          delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
         c: dict[str, Any] = {"index": g.index, "delta": delta, "finish_reason": finish}
       else:
         c = {"index": g.index, "text": text, "logprobs": None, "finish_reason": finish}
@@ -326,10 +349,20 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
             ev = fut.result()
             n_before = len(g.tokens)
             text, finished = apply_event(g, ev)
+            ts = streams.get(g.index)
             if finished:
               text += flush_text(g)
-              yield chunk(g, text, g.finish_reason, token_ids=[])
+              calls = None
+              if ts is not None:
+                text = ts.feed(text)
+                rest, calls = ts.finish()
+                text += rest
+                if calls:
+                  g.finish_reason = "tool_calls"
+              yield chunk(g, text, g.finish_reason, token_ids=[], calls=calls)
               continue
+            if ts is not None:
+              text = ts.feed(text)
             new_ids = g.tokens[n_before:]
             if text or (req.return_token_ids and new_ids):
               yield chunk(g, text, None, token_ids=new_ids)
@@ -392,13 +425,25 @@ def create_app(aengine: AsyncEngine, tokenizer, *, base_name: str = "base",
 
   @app.post("/v1/chat/completions")
   async def chat_completions(req: ChatRequest, request: Request):
+    choice = req.tool_choice
+    if isinstance(choice, dict) or choice == "required":
+      raise APIError(400, "tool_choice 'required' and named functions need constrained decoding, "
+                          "which this server does not do yet; accepted: 'auto', 'none'",
+                     param="tool_choice")
+    if choice not in (None, "auto", "none"):
+      raise APIError(400, f"tool_choice={choice!r}; accepted: 'auto', 'none'",
+                     param="tool_choice")
+    if choice is not None and not req.tools:
+      raise APIError(400, "tool_choice needs tools", param="tool_choice")
     try:
-      # ``developer`` (OpenAI's newer name for the system role) is rendered as ``system``
-      ids = chat_template.encode([{**m.model_dump(), "role": "system" if m.role == "developer"
-                                   else m.role} for m in req.messages])
+      # the messages as sent (developer -> system, tool calls and results) through the same
+      # renderer training uses (icarus_jax.model.chat_template)
+      ids = chat_template.encode([m.model_dump(exclude_none=True) for m in req.messages],
+                                 req.tools)
     except IcarusError as e:
       raise APIError(400, str(e), param="messages") from None
-    return await run_request(req, ids, request, chat=True)
+    parser = tool_parser if req.tools and choice != "none" else None
+    return await run_request(req, ids, request, chat=True, tool_parser=parser)
 
   roots = [Path(r).resolve() for r in (lora_roots or [])]
 

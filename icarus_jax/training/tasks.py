@@ -43,8 +43,8 @@ Natural-language tasks for a real model with a real tokenizer and chat template 
 Harder natural-language tasks (the accuracy study, ``launch.accuracy_real``; answers are exact
 strings in a stated format, checked by an independent solver in ``tests/test_tasks_real.py``):
 
-* ``word_problem``: a person starts with some objects, then 2..3 events add or remove some
-  (numbers 2..20, never below zero) -> the final count as digits (multi-step arithmetic in words).
+* ``word_problem``: a person starts with 5..15 objects, then 2 events add or remove some
+  (numbers 1..9, never below zero) -> the final count as digits (multi-step arithmetic in words).
 * ``json_extract``: an order note in one of several phrasings (with a distractor number: the
   day of the month) -> ``{"name": ..., "item": ..., "quantity": n, "city": ...}`` with keys in
   that order and the item in singular (multi-field extraction into JSON).
@@ -176,13 +176,13 @@ _EVENTS = (("{who} found {n} more {obj}.", 1), ("A friend gave {who} {n} {obj}."
 
 def _word_problem(rng: random.Random) -> Example:
   who, obj = rng.choice(_PEOPLE), rng.choice(_OBJECTS)
-  have = rng.randint(5, 20)
+  have = rng.randint(5, 15)
   lines = [f"{who} had {have} {obj}."]
-  for _ in range(rng.randint(2, 3)):
+  for _ in range(2):
     text, sign = rng.choice(_EVENTS)
     if sign < 0 and have < 2:
       text, sign = _EVENTS[0]
-    n = rng.randint(2, 20) if sign > 0 else rng.randint(1, min(have, 20))
+    n = rng.randint(2, 9) if sign > 0 else rng.randint(1, min(have, 9))
     have += sign * n
     lines.append(text.format(who=who, n=n, obj=obj))
   return {"prompt": " ".join(lines) + f"\nHow many {obj} does {who} have now? Answer with the "
