@@ -100,6 +100,8 @@ def test_three_agent_workflow_with_a_tool(server):
       usage = chunks[-1].usage
     else:
       usage = client.chat.completions.create(**kw).usage
+    print(f"{model}: first prompt {first_prompt}, prompt {usage.prompt_tokens}, cached "
+          f"{usage.prompt_tokens_details.cached_tokens}")  # docs/agents.md quotes these
     assert usage.prompt_tokens > first_prompt
     assert usage.prompt_tokens_details.cached_tokens >= first_prompt - 16  # whole pages of it
   # what is not implemented is refused by name, never ignored
