@@ -31,3 +31,9 @@ class UnknownAdapterError(IcarusError):
 
 class RequestTooLargeError(IcarusError):
   """A request can never fit: longer than the model's context or than the whole KV pool."""
+
+
+class EngineStateLostError(RuntimeError):
+  """A step failed after its KV pool was donated to the device program: the pool (every live
+  request's K/V and the prefix cache) is gone, so nothing can be re-run. Not an ``IcarusError``
+  (not the user's input): the engine is dead and its process should be restarted."""

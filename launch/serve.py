@@ -47,6 +47,11 @@ flags.DEFINE_bool("allow_runtime_lora", False, "Enable /v1/load_lora_adapter and
 flags.DEFINE_bool("trust_foreign_adapters", False, "Serve adapters that record no base "
                   "fingerprint (trained elsewhere, e.g. HF PEFT) as trained on this base; ones that "
                   "record another base are still refused.")
+flags.DEFINE_bool("exit_on_engine_death", True, "Exit the process (status 3) a few seconds after "
+                  "the engine dies (waiting clients get their errors first), so a supervisor "
+                  "restarts it; off: keep answering 503.")
+flags.DEFINE_float("exit_grace_s", 2.0, "With --exit_on_engine_death: seconds between the "
+                   "engine's death and the exit.")
 flags.DEFINE_list("lora_roots", None, "With --allow_runtime_lora: only adapter paths inside these "
                   "directories load.")
 
@@ -127,10 +132,31 @@ def build(argv_flags=FLAGS):
                              trust_foreign_adapters=f.trust_foreign_adapters)
 
 
+def exit_when_dead(aengine, grace_s: float, poll_s: float = 0.2) -> None:
+  """Watchdog thread: once the engine is dead (not shut down), give clients ``grace_s`` to get
+  their errors, log why, and end the process with status 3."""
+  import threading
+  import time
+
+  def watch():
+    while aengine.alive or aengine.dead_reason is None:
+      time.sleep(poll_s)
+    if aengine.dead_reason == "server shutting down":
+      return
+    time.sleep(grace_s)
+    logging.critical("engine died (%s); exiting with status 3 (--exit_on_engine_death)",
+                     aengine.dead_reason)
+    logging.shutdown()
+    os._exit(3)
+  threading.Thread(target=watch, daemon=True, name="engine-watchdog").start()
+
+
 def main(_):
   import uvicorn
   logging.basicConfig(level=logging.INFO)
   aengine, api = build()
+  if FLAGS.exit_on_engine_death:
+    exit_when_dead(aengine, FLAGS.exit_grace_s)
   names = [FLAGS.base_name] + aengine.engine.adapter_names
   print(f"serving {names} on http://{FLAGS.host}:{FLAGS.port} (mode={FLAGS.mode}, "
         f"mesh={FLAGS.mesh}, {FLAGS.num_pages} pages of {FLAGS.page_size} tokens)", flush=True)

@@ -185,3 +185,57 @@ def test_runtime_adapter_loading_is_off_by_default_and_dead_engine_answers(tiny)
     assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
     r = httpx.post(url + C, json=dict(model="tiny-base", prompt="again", stream=True), timeout=30)
     assert r.status_code == 503
+
+
+@pytest.mark.slow
+def test_fault_after_dispatch_fails_fast_through_the_subprocess_server():
+  """A device fault after the KV pool was donated: every waiting client gets an error within a
+  second, /health turns 503 with the reason, the next request is refused with 503, and the process
+  exits with status 3 so a supervisor restarts it (before the fix the engine re-ran rows on the
+  deleted pool, failed every later request and kept answering /health 200)."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  from conftest import free_port
+  root = Path(__file__).resolve().parents[1]
+  port = free_port()
+  proc = subprocess.Popen([sys.executable, "tests/fault_server.py", "3", f"--port={port}",
+                           "--log_level=warning", "--kv_pages=64", "--adapters=",
+                           "--exit_grace_s=3"], cwd=root,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  url = f"http://127.0.0.1:{port}"
+
+  def ok():
+    try:
+      return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+      return False
+  try:
+    assert wait_for(ok, 180), proc.stdout.read() if proc.poll() is not None else "timeout"
+    results = []
+
+    def one(i):
+      r = httpx.post(url + C, json=dict(model="base", prompt=f"hello {i}", max_tokens=40),
+                     timeout=60)
+      results.append((r.status_code, r.json(), time.time()))
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join(60)
+    assert len(results) == 4
+    assert all(s in (500, 503) and "KV pool" in body["error"]["message"]
+               for s, body, _ in results), results
+    assert max(t for *_, t in results) - min(t for *_, t in results) < 1.0  # all at once
+    h = httpx.get(url + "/health", timeout=5)
+    assert h.status_code == 503 and "KV pool" in h.json()["error"]["message"]
+    r = httpx.post(url + C, json=dict(model="base", prompt="again", max_tokens=4), timeout=10)
+    assert r.status_code == 503
+    assert proc.wait(30) == 3
+  finally:
+    if proc.poll() is None:
+      proc.terminate()
+      proc.wait(30)

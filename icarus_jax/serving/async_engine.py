@@ -13,7 +13,9 @@ each step (safe to read from any thread).
 
 Faults: the engine isolates a request that makes a step raise (it fails that request only, see
 ``Engine._run_rows_isolated``); if a step still raises, every live request fails with the error
-and serving continues. If anything escapes the loop (a ``BaseException``, a bug in this class),
+and serving continues, unless the step failed after the KV pool was donated to the device
+(``Engine.state_lost``): then nothing can be re-run and the thread dies with
+:class:`~icarus_jax.errors.EngineStateLostError` (fail fast, never lie). If anything escapes the loop (a ``BaseException``, a bug in this class),
 the thread is *dead*: every waiting client gets a ``done`` event with ``finish_reason="error"``,
 queued and later commands raise :class:`EngineDeadError`, ``alive`` is False and ``dead_reason``
 says why (the server turns ``/health`` to 503 and refuses new requests). Nothing is left
@@ -33,7 +35,7 @@ import traceback
 from typing import Any, Callable
 
 from icarus_jax.serving.engine import Engine, RequestOutput
-from icarus_jax.errors import IcarusError
+from icarus_jax.errors import EngineStateLostError, IcarusError
 from icarus_jax.serving.sampling import SamplingParams
 
 log = logging.getLogger("icarus_jax.serving.async_engine")
@@ -205,7 +207,12 @@ class AsyncEngine:
       if eng.has_work:
         try:
           finished = eng.step()
+        except EngineStateLostError:
+          raise  # the pool is gone: die (``_loop`` answers everyone, /health turns 503)
         except Exception as e:  # noqa: BLE001 - fail the batch, keep serving
+          if eng.state_lost:
+            raise EngineStateLostError(f"engine step failed after the KV pool was donated: "
+                                       f"{type(e).__name__}: {e}") from e
           self.step_errors += 1
           log.error("engine step failed: %s", traceback.format_exc())
           self._fail_all(f"engine step failed: {type(e).__name__}: {e}")

@@ -35,7 +35,8 @@ from icarus_jax.serving import step_batch
 from icarus_jax.serving.adapter_pool import BASE_SLOT
 from icarus_jax.model.adapters import DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGETS, Adapter
 from icarus_jax.model.config import ModelConfig
-from icarus_jax.errors import IcarusError, RequestTooLargeError, UnknownAdapterError
+from icarus_jax.errors import (EngineStateLostError, IcarusError, RequestTooLargeError,
+                               UnknownAdapterError)
 from icarus_jax.serving.page_allocator import PageAllocator
 from icarus_jax.model.params import Params
 from icarus_jax.serving.prefix_cache import InsertCursor, PrefixCache
@@ -622,6 +623,7 @@ class Engine:
     try:
       return rows, self._run_rows(rows, decode)
     except Exception as e:  # noqa: BLE001
+      self._raise_if_state_lost(e)
       if len(rows) == 1:
         self._fail(rows[0][0], e)
         return [], []
@@ -636,6 +638,19 @@ class Engine:
       ok.append(r)
       logits.append(None if lg is None else lg[0])
     return ok, (self.runner.stack(logits) if ok else [])
+
+  @property
+  def state_lost(self) -> bool:
+    """True once a failed step took the donated KV pool with it (see ``EngineStateLostError``)."""
+    return self.runner.state_lost()
+
+  def _raise_if_state_lost(self, err: BaseException) -> None:
+    """A fault after the pool was donated leaves nothing to re-run: say so (the async engine
+    then dies, answering everyone) instead of failing every later request one by one."""
+    if self.runner.state_lost():
+      raise EngineStateLostError(
+          f"a step failed after the KV pool was handed to the device ({type(err).__name__}: "
+          f"{err}); the pool and every request's K/V are lost, restart the engine") from err
 
   def _fail(self, seq: _Seq, err) -> None:
     """Ends ``seq`` with ``finish_reason="error"`` (its computed pages go to the cache)."""

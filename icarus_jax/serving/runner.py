@@ -67,6 +67,7 @@ class Runner(Protocol):
   def slot_of(self, name: str | None) -> int: ...
   def copy_page(self, src: int, dst: int) -> None: ...
   def execute(self, step: Step): ...
+  def state_lost(self) -> bool: ...
   def sample(self, logits, rows: Sequence[SampleRow]) -> list[int]: ...
   def stack(self, logits: list): ...
   def wait_until(self, t: float) -> None: ...
@@ -220,6 +221,11 @@ class DeviceRunner:
                                          jnp.array([dst], jnp.int32))
     self._keep_placement()
 
+  def state_lost(self) -> bool:
+    """True when the KV pool was donated to a program that then failed (its buffers are
+    deleted): no request can run again on this runner."""
+    return bool(self.pages.is_deleted())
+
   def execute(self, step: Step):
     """Runs ``step``; returns the real rows' logits ``[num_rows, V]`` (float32, on device)."""
     fn = self._step_fn(step.batch.shape[0])
@@ -303,6 +309,9 @@ class RooflineRunner:
 
   def copy_page(self, src: int, dst: int) -> None:
     del src, dst
+
+  def state_lost(self) -> bool:
+    return False  # no device state
 
   def execute(self, step: Step):
     dt = self.sim.price(step, self.page_size, self.mode == "icarus")
