@@ -35,6 +35,7 @@ flags.DEFINE_float("rate", 1.0, "Workflow arrival rate (workflows/s).")
 flags.DEFINE_integer("kv_pages", 320, "KV pool pages (same for both modes).")
 flags.DEFINE_integer("seed", 0, "Seed.")
 flags.DEFINE_string("out", "out/demo", "Output directory (JSON and PNG).")
+flags.DEFINE_integer("repeats", 3, "Repetitions of the timed benchmark (both modes each time).")
 flags.DEFINE_string("base", None, "Base: None (the embedded small base), 'smollm2', a .gguf file "
                     "or an HF dir; adapters: the ones shipped for that base, if any.")
 
@@ -69,6 +70,74 @@ def identical_cache_check(cfg, base, adapters, context):
   return same, spread, n
 
 
+#: (label, metric, scale, which is better) of the benchmark table
+BENCH_ROWS = (("peak KV bytes resident", "peak_kv_bytes", 1.0, "lower"),
+              ("prefill tokens computed", "prefill_tokens_computed", 1.0, "lower"),
+              ("pages evicted", "pages_evicted", 1.0, "lower"),
+              ("P95 workflow latency (s)", "p95_workflow_latency_ms", 1e-3, "lower"),
+              ("P95 TTFT (ms)", "p95_ttft_ms", 1.0, "lower"),
+              ("workflow throughput (/s)", "workflow_throughput", 1.0, "higher"),
+              ("output tokens / s", "output_throughput", 1.0, "higher"))
+
+
+def workflow_benchmark(cfg, base, fleets, wl, *, kv_pages: int, repeats: int,
+                       progress: bool = False, max_batch: int = 8,
+                       prefill_chunk: int = 256) -> dict:
+  """Both modes on the same workload and KV budget, ``repeats`` times, interleaved (ICaRus,
+  isolated, ICaRus, ...) so drift on a shared machine hits both. Every program is compiled
+  first (a full-speed run of a workload with the same shapes); the timed runs are watched for
+  compilations (``compiles_in_timed_window`` must be 0). ``verdict``: per metric, whether ICaRus
+  is ahead in every repetition, said plainly where not."""
+  from icarus_jax.bench.compile_watch import CompileWatch
+  from icarus_jax.bench.harness import run_workflows
+  from icarus_jax.bench.workload import WorkloadConfig, generate_workflows
+  from icarus_jax.serving.engine import Engine
+
+  def engine(mode):
+    e = Engine(cfg, base, mode=mode, num_pages=kv_pages, page_size=16, max_batch=max_batch,
+               prefill_chunk=prefill_chunk, max_rank=16, max_seq_len=1024)
+    for a in fleets[mode][0]:
+      e.add_adapter(a)
+    return e, [a.name for a in fleets[mode][0]]
+
+  # the longest sequence a workflow can reach: every turn's header, output and observation
+  longest = (wl.system_len + wl.context_len
+             + wl.num_turns * (wl.header_len + wl.output_len + wl.observation_len) + 16)
+  t0 = time.time()
+  for mode in ("icarus", "isolated"):  # compile every step shape the timed runs can meet
+    e, names = engine(mode)
+    # every prompt is at least system_len long, and its first chunk reaches prefill_chunk tokens
+    e.warm_up(max_context=longest, min_context=min(wl.system_len, prefill_chunk))
+    run_workflows(e, generate_workflows(WorkloadConfig(**{**wl.__dict__, "seed": wl.seed + 99,
+                                                          "request_rate": math.inf})), names)
+  warmup_s = time.time() - t0
+  runs = {"icarus": [], "isolated": []}
+  compiles, compiled = 0, []
+  for r in range(repeats):
+    for mode in ("icarus", "isolated"):
+      e, names = engine(mode)
+      with CompileWatch() as w:
+        runs[mode].append(run_workflows(e, generate_workflows(wl), names, progress=progress,
+                                        desc=f"{mode} {r + 1}/{repeats}"))
+      compiles += w.count
+      compiled += w.programs
+  verdict = []
+  for label, k, _, better in BENCH_ROWS:
+    a = [x[k] for x in runs["icarus"]]
+    b = [x[k] for x in runs["isolated"]]
+    ahead = [(x < y) if better == "lower" else (x > y) for x, y in zip(a, b)]
+    if all(ahead):
+      verdict.append(f"{label}: ICaRus ahead in all {repeats} repetitions")
+    elif any(ahead):
+      verdict.append(f"{label}: ICaRus ahead in {sum(ahead)} of {repeats} repetitions only "
+                     f"(within the noise of this machine)")
+    else:
+      verdict.append(f"{label}: ICaRus NOT ahead in any repetition")
+  return {"runs": runs, "compiles_in_timed_window": compiles, "compiled_in_window": compiled,
+          "warmup_s": round(warmup_s, 1),
+          "verdict": verdict}
+
+
 def plot(results: dict, path: Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -93,12 +162,12 @@ def main(argv):
   jax.config.update("jax_default_matmul_precision", "highest")
 
   from icarus_jax.checkpoints.assets import default_adapters_dir, load_any_base, load_base_tokenizer
-  from icarus_jax.bench.harness import load_serving_adapters, run_workflows
+  from icarus_jax.bench.harness import load_serving_adapters
   from icarus_jax.training.data import prompt_ids
   from icarus_jax.serving.engine import Engine
   from icarus_jax.serving.reference import reference_generate
   from icarus_jax.serving.sampling import SamplingParams
-  from icarus_jax.bench.workload import WorkloadConfig, generate_workflows
+  from icarus_jax.bench.workload import WorkloadConfig
 
   t0 = time.time()
   out = Path(FLAGS.out)
@@ -157,45 +226,32 @@ def main(argv):
       print(f"    {name:22s} {tok.decode(prompt[1:])!r:28s} -> {text!r:14s} equals reference: {ok}")
 
   print(f"\n[3] workflow benchmark: {FLAGS.num_workflows} workflows x 8 turns, {N} models "
-        f"round-robin, {FLAGS.rate} workflows/s, KV budget {FLAGS.kv_pages} pages for each mode")
+        f"round-robin, {FLAGS.rate} workflows/s, KV budget {FLAGS.kv_pages} pages for each mode, "
+        f"{FLAGS.repeats} repetitions")
   wl = WorkloadConfig(num_workflows=FLAGS.num_workflows, num_models=N, request_rate=FLAGS.rate,
                       num_turns=8, system_len=192, context_len=96, header_len=8, output_len=8,
                       observation_len=48, seed=FLAGS.seed)
-  results = {}
-  for mode in ("icarus", "isolated"):
-    ads = fleets[mode][0]
-    mk = lambda: Engine(cfg, base, mode=mode, num_pages=FLAGS.kv_pages, page_size=16, max_batch=8,
-                        prefill_chunk=256, max_rank=16, max_seq_len=1024)
-    warm = mk()
-    for a in ads:
-      warm.add_adapter(a)
-    run_workflows(warm, generate_workflows(WorkloadConfig(**{**wl.__dict__, "request_rate": math.inf,
-                                                             "seed": FLAGS.seed + 99})),
-                  [a.name for a in ads])  # compile (not measured)
-    e = mk()
-    for a in ads:
-      e.add_adapter(a)
-    results[mode] = run_workflows(e, generate_workflows(wl), [a.name for a in ads],
-                                  progress=True, desc=mode)
-  a, b = results["icarus"], results["isolated"]
-  rows = [("peak KV bytes resident", "peak_kv_bytes", "{:,.0f}"),
-          ("prefill tokens computed", "prefill_tokens_computed", "{:,.0f}"),
-          ("prefix-cache hit rate", "prefix_hit_rate", "{:.2f}"),
-          ("pages evicted", "pages_evicted", "{:,.0f}"),
-          ("P95 workflow latency (s)", "p95_workflow_latency_ms", "{:.2f}"),
-          ("P95 TTFT (ms)", "p95_ttft_ms", "{:.0f}"),
-          ("workflow throughput (/s)", "workflow_throughput", "{:.3f}"),
-          ("output tokens / s", "output_throughput", "{:.1f}")]
-  print(f"    {'':28s}{'ICaRus':>14s}{'isolated':>14s}")
-  for label, k, fmt in rows:
-    va, vb = a[k], b[k]
-    if k == "p95_workflow_latency_ms":
-      va, vb = va / 1e3, vb / 1e3
-    print(f"    {label:28s}{fmt.format(va):>14s}{fmt.format(vb):>14s}")
+  bench = workflow_benchmark(cfg, base, fleets, wl, kv_pages=FLAGS.kv_pages,
+                             repeats=FLAGS.repeats, progress=True)
+  print(f"    compiled before timing: {bench['warmup_s']:.1f} s (both modes); programs compiled "
+        f"inside the timed runs: {bench['compiles_in_timed_window']}")
+  print(f"    {'':28s}{'ICaRus':>22s}{'isolated':>22s}   (mean [min, max] of "
+        f"{FLAGS.repeats})")
+  for label, k, scale, better in BENCH_ROWS:
+    cells = []
+    for mode in ("icarus", "isolated"):
+      v = [r[k] * scale for r in bench["runs"][mode]]
+      cells.append(f"{sum(v) / len(v):.3g} [{min(v):.3g}, {max(v):.3g}]")
+    print(f"    {label:28s}{cells[0]:>22s}{cells[1]:>22s}")
+  for line in bench["verdict"]:
+    print(f"    {line}")
+  results = {m: bench["runs"][m][-1] for m in ("icarus", "isolated")}
   plot(results, out / "demo.png")
   summary = {"base": FLAGS.base or "embedded small base", "kv_bitwise_identical": same,
              "max_logit_difference": spread, "engine_equals_reference": checks,
-             "answers": answers, "benchmark": results,
+             "answers": answers, "benchmark": results, "repeats": bench["runs"],
+             "compiles_in_timed_window": bench["compiles_in_timed_window"],
+             "warmup_s": bench["warmup_s"], "verdict": bench["verdict"],
              "wall_s": round(time.time() - t0, 1)}
   (out / "demo.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
   print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'} in {summary['wall_s']} s")

@@ -576,24 +576,30 @@ class Engine:
   def _pick_tokens(self, seqs: list[_Seq], logits) -> list[int]:
     return self.runner.sample(logits, [(s.sampling, s.num_output, s.rid) for s in seqs])
 
-  def _sample_and_append(self, seqs: list[_Seq], logits) -> None:
+  def _sample_and_append(self, seqs: list[_Seq], logits, keep: list[int] | None = None) -> None:
+    """Samples a token for every row of ``logits`` and appends it to ``seqs[i]`` for ``i`` in
+    ``keep`` (default: all rows)."""
     if not seqs:
       return
+    kept = set(range(len(seqs)) if keep is None else keep)
     try:
       toks = self._pick_tokens(seqs, logits)
     except Exception as e:  # noqa: BLE001 - find the request(s) at fault, serve the others
-      if len(seqs) == 1:
-        self._fail(seqs[0], e)
+      if len(kept) == 1:
+        self._fail(seqs[next(iter(kept))], e)
         return
       self.stats.isolated_faults += 1
-      keep, toks = [], []
-      for i, s in enumerate(seqs):
+      ok, toks = [], []
+      for i in sorted(kept):
         try:
-          toks += self._pick_tokens([s], None if logits is None else logits[i:i + 1])
-          keep.append(s)
+          toks += self._pick_tokens([seqs[i]], None if logits is None else logits[i:i + 1])
+          ok.append(i)
         except Exception as e:  # noqa: BLE001
-          self._fail(s, e)
-      seqs = keep
+          self._fail(seqs[i], e)
+      seqs, kept = [seqs[i] for i in ok], set(range(len(ok)))
+    # rows outside ``keep`` were sampled too (sampling is per row and stateless) and are dropped
+    seqs, toks = zip(*[(s, t) for i, (s, t) in enumerate(zip(seqs, toks)) if i in kept]) \
+        if kept else ((), ())
     now = self.clock()
     for s, t in zip(seqs, toks):
       t = int(t)
@@ -723,7 +729,8 @@ class Engine:
     if not rows:
       return
     rows, logits = self._run_rows_isolated(rows, decode=False)
-    for (s, new, start), lg in zip(rows, logits):
+    done = []  # indices of the rows whose last prompt token was computed in this call
+    for i, (s, new, start) in enumerate(rows):
       s.num_computed = start + len(new)
       if id(s) in riding:
         self.stats.decode_tokens += 1
@@ -732,18 +739,20 @@ class Engine:
         self.stats.per_adapter[s.adapter]["prefill_tokens_computed"] += len(new)
       if s.num_computed == len(s.tokens):
         s.prefilling = False
-        done.append((s, lg))
+        done.append(i)
       elif id(s) not in riding and s.num_computed >= self.page_size:
         # the full pages computed so far are shareable now (the next step's admissions reuse
         # them instead of waiting for the whole prompt)
         self.cache.insert(s.ns, s.tokens[:s.num_computed], s.page_table, include_partial=False,
                           cursor=s.cache_cursor)
     if done:
-      for s, _ in done:  # full pages of the prompt become shareable right away
+      for i in done:  # full pages of the prompt become shareable right away
+        s = rows[i][0]
         self.cache.insert(s.ns, s.tokens, s.page_table, include_partial=False,
                           cursor=s.cache_cursor)  # s.tokens: all computed, no copy
-      lg = self.runner.stack([d[1] for d in done])
-      self._sample_and_append([d[0] for d in done], lg)
+      # every row is sampled (sampling is per row and stateless, so the extra rows change
+      # nothing) and only finished ones keep a token: no per-subset gather or stack programs
+      self._sample_and_append([r[0] for r in rows], logits, keep=done)
 
   def step(self) -> list[RequestOutput]:
     """Admit, run one prefill chunk of every prefilling request, decode once. Returns the
@@ -960,6 +969,13 @@ class Engine:
           logits = self.runner.execute(step)
           shapes += 1
         self.runner.sample(logits, [(greedy, 0, i) for i in range(B)])
+      # fewer real rows than the bucket: the logits slice and the sampler's padding per count
+      for n in range(1, B):
+        rows = [StepRow([1] * ps, ps - 1, 1, pages[:1], BASE_SLOT)] * n
+        step = step_batch.build(rows, decode=True, max_batch=self.max_batch,
+                                prefill_chunk=self.prefill_chunk, max_pages=cap_pages)
+        if step.shape in {sh[2:] for sh in self.shapes_seen}:
+          self.runner.sample(self.runner.execute(step), [(greedy, 0, i) for i in range(n)])
     if self.alloc.num_pages > 2:
       self.runner.copy_page(1, 2)  # the copy-on-write of a partial prefix hit
     return shapes
