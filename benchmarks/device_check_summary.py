@@ -1,4 +1,4 @@
-"""Last step of gpu_check.sh / tpu_check.sh: one JSON line with every part's result.
+"""Last step of device_check.sh gpu|tpu: one JSON line with every part's result.
 
   OUT=<dir> python benchmarks/device_check_summary.py <gpu|tpu> rc_tests rc_bench rc_steps rc_wf
 """

@@ -8,8 +8,8 @@ jitted step (``engine_steps.step``) on a decode bucket of ``--batch`` rows, each
 step (encoder row + decoder row per sequence, one read of weights and pages) and the
 conventional step (one row, adapter on K/V too), both attention backends. Median of ``--iters``
 donated calls after warm-up. Prints one JSON line and writes it to ``--out``. On CPU it runs
-(small) but says nothing about accelerators: that is what ``benchmarks/gpu_check.sh`` and
-``benchmarks/tpu_check.sh`` run it for.
+(small) but says nothing about accelerators: that is what ``benchmarks/device_check.sh gpu`` and
+``benchmarks/device_check.sh tpu`` run it for.
 """
 
 from __future__ import annotations

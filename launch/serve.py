@@ -56,37 +56,6 @@ flags.DEFINE_list("lora_roots", None, "With --allow_runtime_lora: only adapter p
                   "directories load.")
 
 
-def adapter_specs(specs) -> list[tuple[str, Path]]:
-  """``--adapters`` entries -> ``[(serving name, adapter dir)]``.
-
-  An entry is ``dir`` or ``name=dir``; ``dir`` holds one adapter (``adapter_config.json``) or
-  adapters in subdirectories. Names default to the recorded one (``launch.train --name``), else
-  the directory's; two adapters with one name are an error naming both paths."""
-  from icarus_jax.checkpoints.peft_io import adapter_name
-  out: list[tuple[str, Path]] = []
-  for spec in specs:
-    name, sep, path = spec.partition("=")
-    if not sep:
-      name, path = None, spec
-    p = Path(path)
-    if (p / "adapter_config.json").exists():
-      out.append((name or adapter_name(p), p))
-    elif p.is_dir() and name is None:
-      out += [(adapter_name(d), d) for d in sorted(p.iterdir())
-              if (d / "adapter_config.json").exists()]
-    else:
-      raise SystemExit(f"--adapters: {p} is not an adapter dir (adapter_config.json)"
-                       + ("" if sep else " nor a dir of adapters"))
-  seen: dict[str, Path] = {}
-  for name, p in out:
-    if name in seen:
-      raise SystemExit(f"--adapters: two adapters are named {name!r}: {seen[name]} and {p}; "
-                       f"name one explicitly (--adapters=other_name={p}) or train it with "
-                       f"`launch.train --name`")
-    seen[name] = p
-  return out
-
-
 def build(argv_flags=FLAGS):
   """(AsyncEngine, app) from flags; exposed for tests."""
   from icarus_jax.checkpoints.assets import default_adapters_dir, load_any_base, load_base_tokenizer
@@ -110,7 +79,12 @@ def build(argv_flags=FLAGS):
   paths = f.adapters if f.adapters is not None else (
       [str(p) for p in sorted(shipped.glob(f"*-{kind}"))] if shipped and shipped.exists()
       else [])
-  for name, d in adapter_specs(paths):
+  from icarus_jax.checkpoints.peft_io import adapter_specs
+  try:
+    specs = adapter_specs(paths)
+  except IcarusError as e:
+    raise SystemExit(f"--adapters: {e}") from None
+  for name, d in specs:
     trusted = engine.fingerprint if f.trust_foreign_adapters else None
     try:
       if f.max_host_adapters is not None:  # disk tier

@@ -23,6 +23,7 @@ from pathlib import Path
 from absl import app, flags
 
 from icarus_jax.flag_utils import define_dataclass_flags, quiet_logs
+from icarus_jax.training.finetune import run_summary
 from icarus_jax.training.objective import TrainConfig
 
 #: flag / config-file names used before the flags were generated from TrainConfig
@@ -98,29 +99,7 @@ def main(argv):
       eval_file=kw["eval_file"], eval_fraction=kw["eval_fraction"], loss_on=kw["loss_on"],
       too_long=kw["too_long"])
   (Path(workdir) / "result.json").write_text(json.dumps(out, indent=2) + "\n")
-  print(summary_text(out, base=FLAGS.base, mode=tc.mode, workdir=workdir))
-
-
-def summary_text(out: dict, *, base: str | None, mode: str, workdir: str) -> str:
-  """What a user needs after a run: the numbers, where the adapter is, how to serve it."""
-  d = out["data"]
-  lines = [f"trained {out['name']!r} ({mode}) on {d['train_examples']} examples, "
-           f"{out['steps']} steps, final loss {out['final_loss']:.4f}, {out['train_wall_s']} s"]
-  if d["dropped_too_long"] or d["turns_cut"]:
-    lines.append(f"  {d['dropped_too_long']} examples longer than --seq_len dropped, "
-                 f"{d['turns_cut']} trailing turns cut")
-  if "accuracy" in out:
-    lines.append(f"  held-out ({out['eval_examples']} examples): exact match "
-                 f"{out['accuracy']:.1%}, per-token accuracy "
-                 f"{out.get('held_out_token_accuracy', float('nan')):.1%}")
-  if "adapter" in out:
-    serve_mode = "icarus" if mode.startswith("icarus") else "isolated"
-    base_flag = f" --base={base}" if base else ""
-    lines += [f"  adapter: {out['adapter']} (name {out['name']!r}); full record: "
-              f"{Path(workdir) / 'result.json'}",
-              f"serve it:\n  python -m launch.serve{base_flag} --mode={serve_mode} "
-              f"--adapters={out['adapter']}"]
-  return "\n".join(lines)
+  print(run_summary(out, base=FLAGS.base, mode=tc.mode, workdir=workdir))
 
 
 def run():

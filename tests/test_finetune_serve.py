@@ -14,6 +14,8 @@ import pytest
 
 import icarus_jax.training.data as data
 from icarus_jax.checkpoints.assets import load_any_base
+from icarus_jax.checkpoints.peft_io import adapter_specs
+from icarus_jax.errors import IcarusError
 from icarus_jax.model.chat_template import ChatTemplate
 from icarus_jax.model.generation import greedy_generate
 from icarus_jax.model.tokenizer import ByteTokenizer
@@ -75,11 +77,10 @@ def test_train_chat_jsonl_with_held_out_split_then_serve_by_name(tmp_path, monke
             workdir=tmp_path / "run2", name="coder", progress=False)
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   a1, a2 = tmp_path / "run" / "adapter", tmp_path / "run2" / "adapter"
-  r = subprocess.run([sys.executable, "-m", "launch.serve", f"--adapters={a1},{a2}",
-                      f"--port={free_port()}"], cwd=ROOT, env=env, capture_output=True,
-                     text=True, timeout=300)
-  assert r.returncode != 0 and "two adapters are named 'coder'" in r.stderr + r.stdout
-  assert str(a1) in r.stderr + r.stdout and str(a2) in r.stderr + r.stdout
+  with pytest.raises(IcarusError, match="two adapters are named 'coder'") as e:
+    adapter_specs([str(a1), str(a2)])  # what launch.serve --adapters=a1,a2 reads
+  assert str(a1) in str(e.value) and str(a2) in str(e.value)
+  assert adapter_specs([str(a1), f"other={a2}"]) == [("coder", a1), ("other", a2)]
   # served by its recorded name (and a second copy renamed with name=path)
   port = free_port()
   proc = subprocess.Popen([sys.executable, "-m", "launch.serve", f"--port={port}",
@@ -107,12 +108,12 @@ def test_train_chat_jsonl_with_held_out_split_then_serve_by_name(tmp_path, monke
 
 
 def test_cli_prints_where_the_adapter_is_and_how_to_serve_it(tmp_path):
-  from launch.train import summary_text
+  from icarus_jax.training.finetune import run_summary
   out = {"name": "coder", "mode": "icarus_lora", "steps": 5, "final_loss": 1.25,
          "train_wall_s": 3.0, "adapter": str(tmp_path / "adapter"), "accuracy": 0.5,
          "eval_examples": 4, "held_out_token_accuracy": 0.75,
          "data": {"train_examples": 20, "dropped_too_long": 2, "turns_cut": 1}}
-  text = summary_text(out, base="smollm2", mode="icarus_lora", workdir=str(tmp_path))
+  text = run_summary(out, base="smollm2", mode="icarus_lora", workdir=str(tmp_path))
   assert f"python -m launch.serve --base=smollm2 --mode=icarus --adapters={tmp_path}/adapter" in text
   assert "2 examples longer than --seq_len dropped, 1 trailing turns cut" in text
   assert "exact match 50.0%, per-token accuracy 75.0%" in text

@@ -26,13 +26,13 @@ HD = 16
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
 
-# benchmarks/gpu_check.sh sets this on a GPU machine: the GPU-style cases then run the real
+# benchmarks/device_check.sh gpu sets this on a GPU machine: the GPU-style cases then run the real
 # Triton lowering (TPU-style cases stay in the interpreter).
 ON_DEVICE = os.environ.get("ICARUS_KERNELS_ON_DEVICE") == "1"
 
 
 def interp(impl):
-  """Compiled where the lowering is the device's own (gpu_check.sh / tpu_check.sh), else the
+  """Compiled where the lowering is the device's own (device_check.sh gpu|tpu), else the
   interpreter (TPU-style under ``pltpu.InterpretParams``)."""
   if ON_DEVICE and impl == jax.default_backend():
     return False
@@ -281,7 +281,7 @@ def test_gpu_lowering_block_shape_validation():
 def test_real_lowerings_trace_on_cpu(monkeypatch, platform, T, q_block, dtype, window, splits):
   """Cross-lower for CUDA (Pallas -> Triton IR) and TPU (Pallas -> Mosaic MLIR) without the
   hardware: every op of both kernels must be supported by the real lowering, not only by the
-  interpreter. (The final PTX / Mosaic compile still needs the device: benchmarks/gpu_check.sh.)
+  interpreter. (The final PTX / Mosaic compile still needs the device: benchmarks/device_check.sh gpu.)
   """
   if platform == "tpu":  # Mosaic asks the device for its generation; pretend a v5e.
     from jax._src.pallas.mosaic import tpu_info

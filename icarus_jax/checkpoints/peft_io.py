@@ -138,6 +138,36 @@ def adapter_name(path: str | os.PathLike) -> str:
   return name if isinstance(name, str) and name else path.name
 
 
+def adapter_specs(specs) -> list[tuple[str, Path]]:
+  """``launch.serve --adapters`` entries -> ``[(serving name, adapter dir)]``.
+
+  An entry is ``dir`` or ``name=dir``; ``dir`` holds one adapter (``adapter_config.json``) or
+  adapters in subdirectories. Names default to the recorded one (``launch.train --name``), else
+  the directory's; two adapters with one name are an error naming both paths."""
+  out: list[tuple[str, Path]] = []
+  for spec in specs:
+    name, sep, path = spec.partition("=")
+    if not sep:
+      name, path = None, spec
+    p = Path(path)
+    if (p / "adapter_config.json").exists():
+      out.append((name or adapter_name(p), p))
+    elif p.is_dir() and name is None:
+      out += [(adapter_name(d), d) for d in sorted(p.iterdir())
+              if (d / "adapter_config.json").exists()]
+    else:
+      raise IcarusError(f"{p} is not an adapter dir (adapter_config.json)"
+                        + ("" if sep else " nor a dir of adapters"))
+  seen: dict[str, Path] = {}
+  for name, p in out:
+    if name in seen:
+      raise IcarusError(f"two adapters are named {name!r}: {seen[name]} and {p}; name one "
+                        f"explicitly (--adapters=other_name={p}) or train it with "
+                        f"`launch.train --name`")
+    seen[name] = p
+  return out
+
+
 def load_adapter(path: str | os.PathLike, *, kind: str | None = None, name: str | None = None,
                  base_fingerprint: str | None = None, dtype: str | None = None) -> Adapter:
   """Reads an adapter directory written by ``save_adapter`` or by PEFT.

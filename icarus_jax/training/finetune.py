@@ -150,3 +150,25 @@ def held_out_scores(cfg, params, adapter, examples, tok, chat, *, seq_len: int, 
   return {"accuracy": acc, "eval_examples": n,
           "held_out_token_accuracy": round(tot_acc / max(tot_w, 1.0), 4),
           "held_out_loss": round(tot_loss / max(tot_w, 1.0), 4)}
+
+
+def run_summary(out: dict, *, base: str | None, mode: str, workdir: str) -> str:
+  """What a user needs after a run: the numbers, where the adapter is, how to serve it."""
+  d = out["data"]
+  lines = [f"trained {out['name']!r} ({mode}) on {d['train_examples']} examples, "
+           f"{out['steps']} steps, final loss {out['final_loss']:.4f}, {out['train_wall_s']} s"]
+  if d["dropped_too_long"] or d["turns_cut"]:
+    lines.append(f"  {d['dropped_too_long']} examples longer than --seq_len dropped, "
+                 f"{d['turns_cut']} trailing turns cut")
+  if "accuracy" in out:
+    lines.append(f"  held-out ({out['eval_examples']} examples): exact match "
+                 f"{out['accuracy']:.1%}, per-token accuracy "
+                 f"{out.get('held_out_token_accuracy', float('nan')):.1%}")
+  if "adapter" in out:
+    serve_mode = "icarus" if mode.startswith("icarus") else "isolated"
+    base_flag = f" --base={base}" if base else ""
+    lines += [f"  adapter: {out['adapter']} (name {out['name']!r}); full record: "
+              f"{Path(workdir) / 'result.json'}",
+              f"serve it:\n  python -m launch.serve{base_flag} --mode={serve_mode} "
+              f"--adapters={out['adapter']}"]
+  return "\n".join(lines)
