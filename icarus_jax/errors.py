@@ -33,6 +33,10 @@ class RequestTooLargeError(IcarusError):
   """A request can never fit: longer than the model's context or than the whole KV pool."""
 
 
+class ExampleTooLongError(IcarusError):
+  """A training example does not fit the sequence length (callers may drop and count it)."""
+
+
 class EngineStateLostError(RuntimeError):
   """A step failed after its KV pool was donated to the device program: the pool (every live
   request's K/V and the prefix cache) is gone, so nothing can be re-run. Not an ``IcarusError``

@@ -28,7 +28,7 @@ import json
 import os
 from typing import Sequence
 
-from icarus_jax.errors import IcarusError
+from icarus_jax.errors import ExampleTooLongError, IcarusError
 
 ROLES = ("system", "user", "assistant", "tool")
 #: accepted as input and mapped onto ``ROLES``
@@ -261,7 +261,10 @@ class ChatTemplate:
 
   def encode(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
     """Prompt ids: the conversation, then the assistant's generation prompt."""
-    messages, tools = self._prepare(messages, tools)
+    return self._prompt(*self._prepare(messages, tools))
+
+  def _prompt(self, messages: list[dict], tools) -> list[int]:
+    """Prompt ids of already prepared messages (``_prepare``)."""
     if self._jinja is None:
       return self._builtin(messages, True)
     return self.tokenizer.encode(self._render(messages, tools, True))
@@ -308,8 +311,7 @@ class ChatTemplate:
     mask: list[int] = []
     cut = 0
     for k, a in enumerate(turns):
-      prompt = (self._builtin(messages[:a], True) if self._jinja is None
-                else self.tokenizer.encode(self._render(messages[:a], tools, True)))
+      prompt = self._prompt(messages[:a], tools)
       if prompt[:len(ids)] != ids:
         raise IcarusError("the prompt of a later assistant turn does not extend the earlier "
                           "turns' tokens with this tokenizer and template; train with "
@@ -318,8 +320,8 @@ class ChatTemplate:
       new_ids = prompt[len(ids):] + ans
       if max_len is not None and len(ids) + len(new_ids) > max_len:
         if k == 0:
-          raise IcarusError(f"example is {len(ids) + len(new_ids)} tokens long, more than "
-                            f"max_len={max_len}")
+          raise ExampleTooLongError(f"example is {len(ids) + len(new_ids)} tokens long, more "
+                                    f"than max_len={max_len}")
         cut = len(turns) - k
         break
       mask += [0] * (len(prompt) - len(ids)) + [1] * n_loss + [0] * (len(ans) - n_loss)

@@ -581,27 +581,23 @@ class Engine:
     ``keep`` (default: all rows)."""
     if not seqs:
       return
-    kept = set(range(len(seqs)) if keep is None else keep)
+    kept = range(len(seqs)) if keep is None else keep
     try:
+      # rows outside ``keep`` are sampled too (sampling is per row and stateless) and dropped
       toks = self._pick_tokens(seqs, logits)
-    except Exception as e:  # noqa: BLE001 - find the request(s) at fault, serve the others
-      if len(kept) == 1:
-        self._fail(seqs[next(iter(kept))], e)
-        return
-      self.stats.isolated_faults += 1
-      ok, toks = [], []
-      for i in sorted(kept):
+      pairs = [(seqs[i], toks[i]) for i in kept]
+    except Exception:  # noqa: BLE001 - find the request(s) at fault, serve the others
+      if len(kept) > 1:
+        self.stats.isolated_faults += 1
+      pairs = []
+      for i in kept:
         try:
-          toks += self._pick_tokens([seqs[i]], None if logits is None else logits[i:i + 1])
-          ok.append(i)
+          pairs += [(seqs[i], t) for t in self._pick_tokens(
+              [seqs[i]], None if logits is None else logits[i:i + 1])]
         except Exception as e:  # noqa: BLE001
           self._fail(seqs[i], e)
-      seqs, kept = [seqs[i] for i in ok], set(range(len(ok)))
-    # rows outside ``keep`` were sampled too (sampling is per row and stateless) and are dropped
-    seqs, toks = zip(*[(s, t) for i, (s, t) in enumerate(zip(seqs, toks)) if i in kept]) \
-        if kept else ((), ())
     now = self.clock()
-    for s, t in zip(seqs, toks):
+    for s, t in pairs:
       t = int(t)
       s.tokens.append(t)
       s.out.output_tokens.append(t)
@@ -653,7 +649,7 @@ class Engine:
   def _raise_if_state_lost(self, err: BaseException) -> None:
     """A fault after the pool was donated leaves nothing to re-run: say so (the async engine
     then dies, answering everyone) instead of failing every later request one by one."""
-    if self.runner.state_lost():
+    if self.state_lost:
       raise EngineStateLostError(
           f"a step failed after the KV pool was handed to the device ({type(err).__name__}: "
           f"{err}); the pool and every request's K/V are lost, restart the engine") from err
@@ -969,13 +965,14 @@ class Engine:
           logits = self.runner.execute(step)
           shapes += 1
         self.runner.sample(logits, [(greedy, 0, i) for i in range(B)])
-      # fewer real rows than the bucket: the logits slice and the sampler's padding per count
+      # fewer real rows than the bucket (a decode shape compiled above): the logits slice and
+      # the sampler's padding for each row count
+      P = page_buckets[0]
       for n in range(1, B):
-        rows = [StepRow([1] * ps, ps - 1, 1, pages[:1], BASE_SLOT)] * n
+        rows = [StepRow([1] * (P * ps), P * ps - 1, 1, pages[:P], BASE_SLOT)] * n
         step = step_batch.build(rows, decode=True, max_batch=self.max_batch,
                                 prefill_chunk=self.prefill_chunk, max_pages=cap_pages)
-        if step.shape in {sh[2:] for sh in self.shapes_seen}:
-          self.runner.sample(self.runner.execute(step), [(greedy, 0, i) for i in range(n)])
+        self.runner.sample(self.runner.execute(step), [(greedy, 0, i) for i in range(n)])
     if self.alloc.num_pages > 2:
       self.runner.copy_page(1, 2)  # the copy-on-write of a partial prefix hit
     return shapes

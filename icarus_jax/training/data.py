@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from icarus_jax.errors import IcarusError
+from icarus_jax.errors import ExampleTooLongError, IcarusError
 
 LOSS_ON = ("last", "all")
 
@@ -71,8 +71,9 @@ def encode_conversation(tok, example: dict, max_len: int, chat=None, loss_on: st
   p = tok.encode(msgs[0]["content"], add_bos=True)
   r = tok.encode(answer) + [tok.eos_id]
   if len(p) + len(r) > max_len:
-    raise IcarusError(f"example is {len(p) + len(r)} tokens long, more than max_len={max_len} "
-                      f"(prompt {msgs[0]['content'][:60]!r}); raise --seq_len or filter the data")
+    raise ExampleTooLongError(f"example is {len(p) + len(r)} tokens long, more than "
+                              f"max_len={max_len} (prompt {msgs[0]['content'][:60]!r}); raise "
+                              f"--seq_len or filter the data")
   return (np.array(p + r, np.int32), np.array([0] * len(p) + [1] * len(r), np.float32),
           {"turns": 1, "turns_cut": 0})
 
@@ -171,11 +172,11 @@ def encode_all(source, tok, *, seq_len: int, chat=None, loss_on: str = "last",
   for i in range(len(source)):
     try:
       ids, mask, info = encode_conversation(tok, source[i], seq_len + 1, chat, loss_on)
-    except IcarusError as e:
-      if too_long == "drop" and "more than max_len" in str(e):
-        stats["dropped"] += 1
-        continue
-      raise
+    except ExampleTooLongError:
+      if too_long == "error":
+        raise
+      stats["dropped"] += 1
+      continue
     stats["turns_cut"] += info["turns_cut"]
     stats["loss_tokens"] += int(mask.sum())
     items.append((ids, mask))
