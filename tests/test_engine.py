@@ -324,6 +324,22 @@ def test_warm_up_compiles_every_program_a_run_needs_and_changes_no_output(setup,
     eng.warm_up()
 
 
+def test_min_page_bucket_fewer_programs_same_tokens(setup):
+  """``min_page_bucket=4``: no step reads fewer than 4 page slots, the bound on programs drops
+  by the page buckets below it, warm-up compiles only those, and greedy outputs still equal the
+  naive reference (the extra slots are masked)."""
+  eng = make_engine(setup, "icarus", max_batch=2, min_page_bucket=3)  # rounded up to 4
+  assert eng.num_buckets() == 2 * 5 * 3  # B {1,2} x pages {4..64} x T {8,16} + decode
+  assert eng.warm_up(max_context=40) == 2 * 2 * 3  # pages {4, 8} (40 tokens: 5 pages)
+  rng = np.random.RandomState(5)
+  reqs = [(list(rng.randint(0, 256, rng.randint(1, 30))), n, 4) for n in (None, "agent0", "agent1")]
+  rids = [eng.submit(p, n, SamplingParams(max_tokens=k)) for p, n, k in reqs]
+  list(eng.run())
+  assert all(shape[-1] >= 4 for shape in eng.shapes_seen), eng.shapes_seen
+  for rid, (p, n, k) in zip(rids, reqs):
+    assert eng.outputs[rid].output_tokens == ref(setup, eng, n, p, k)
+
+
 def test_warm_up_rejects_an_empty_context_range(setup):
   eng = make_engine(setup, "icarus", max_batch=2)
   before = eng.runner.compiled_steps()

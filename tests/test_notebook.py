@@ -1,4 +1,11 @@
-"""Executes notebooks/icarus_quickstart.ipynb top to bottom (small size) on CPU."""
+"""Executes notebooks/icarus_quickstart.ipynb top to bottom (small size) on CPU.
+
+Its section 1 is the main job's own code path (``icarus_jax.bench.demo.run_demo``) on
+SmolLM2-135M-Instruct at a reduced size, and its next cell checks the claims from the JSON the
+run saved: K/V bit-identical across models while their predictions differ, each adapter's
+held-out answer right (the base's not) and equal to the naive reference, the adapter's prompt
+read from the base's cache, no program compiled inside the timed window, and ICaRus computing
+fewer prefill tokens than the conventional baseline under the same KV budget."""
 
 import os
 import sys

@@ -151,6 +151,9 @@ class Engine:
     mixed_steps: decode rows ride along the step's first prefill call (one program runs both,
       vLLM-V1 style) instead of a separate decode call after the prefills; decode rows are then
       padded to the prefill chunk's token bucket.
+    min_page_bucket: smallest page-count bucket of a step (a power of two): a row reads at
+      least this many page slots (masked beyond its context), so fewer programs are compiled
+      (``warm_up`` compiles every bucket; each costs about a second on a 135M model on CPU).
     record_schedule: keep ``schedule_log``, the sequence of scheduling decisions (admissions,
       preemptions, steps with their rows), e.g. to compare two runners.
   """
@@ -167,13 +170,15 @@ class Engine:
                targets: Sequence[str] | None = None, attention_backend: str = "reference",
                tokenizer=None, max_seq_len: int | None = None, simulator=None,
                runner: Runner | None = None, record_schedule: bool = False,
-               max_host_adapters: int | None = None, mixed_steps: bool = False):
+               max_host_adapters: int | None = None, mixed_steps: bool = False,
+               min_page_bucket: int = 1):
     # every knob checked in one place (EngineConfig), kept as ``engine.engine_config``
     self.engine_config = EngineConfig(
         mode=mode, num_pages=num_pages, page_size=page_size, max_batch=max_batch,
         prefill_chunk=prefill_chunk, max_adapters=max_adapters, max_rank=max_rank,
         max_seq_len=max_seq_len, attention_backend=attention_backend,
-        max_host_adapters=max_host_adapters, mixed_steps=mixed_steps)
+        max_host_adapters=max_host_adapters, mixed_steps=mixed_steps,
+        min_page_bucket=min_page_bucket)
     self.cfg = config
     self.mode = mode
     self.page_size = page_size
@@ -182,6 +187,7 @@ class Engine:
     self.tokenizer = tokenizer
     self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)
     self.max_pages_per_seq = math.ceil(self.max_seq_len / page_size)
+    self.min_page_bucket = step_batch.bucket(min_page_bucket, self.max_pages_per_seq)
     if targets is None:
       targets = DEFAULT_ICARUS_TARGETS if mode == "icarus" else DEFAULT_LORA_TARGETS
     if runner is None and simulator is not None:
@@ -568,7 +574,7 @@ class Engine:
         [StepRow(seq.tokens, start, len(new), seq.page_table[:max(1, -(-(start + len(new)) // ps))],
                  seq.slot) for seq, new, start in rows],
         decode=decode, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
-        max_pages=self.max_pages_per_seq)
+        max_pages=self.max_pages_per_seq, min_pages=self.min_page_bucket)
     self.shapes_seen.add((self.mode, decode) + step.shape)
     self._log("step", decode, tuple((seq.rid, start, len(new)) for seq, new, start in rows))
     return self.runner.execute(step)
@@ -944,7 +950,7 @@ class Engine:
       raise ValueError(f"warm_up: need 1 <= min_context <= max_context (capped at max_seq_len="
                        f"{self.max_seq_len}); got min_context={min_context}, "
                        f"max_context={max_context}")
-    lo_p = step_batch.bucket(max(1, -(-min_context // ps)), cap_pages)
+    lo_p = step_batch.bucket(max(1, -(-min_context // ps)), cap_pages, lo=self.min_page_bucket)
     hi_p = step_batch.bucket(-(-hi // ps), cap_pages)
     page_buckets = [P for P in step_batch.buckets(cap_pages) if lo_p <= P <= hi_p]
     t_lo = min(8, self.prefill_chunk)
@@ -960,7 +966,8 @@ class Engine:
             continue  # no row of this bucket fits P pages
           rows = [StepRow([1] * (P * ps), P * ps - new, new, pages[:P], BASE_SLOT)] * B
           step = step_batch.build(rows, decode=decode, max_batch=self.max_batch,
-                                  prefill_chunk=self.prefill_chunk, max_pages=cap_pages)
+                                  prefill_chunk=self.prefill_chunk, max_pages=cap_pages,
+                                  min_pages=self.min_page_bucket)
           self.shapes_seen.add((self.mode, decode) + step.shape)
           logits = self.runner.execute(step)
           shapes += 1
@@ -971,7 +978,8 @@ class Engine:
       for n in range(1, B):
         rows = [StepRow([1] * (P * ps), P * ps - 1, 1, pages[:P], BASE_SLOT)] * n
         step = step_batch.build(rows, decode=True, max_batch=self.max_batch,
-                                prefill_chunk=self.prefill_chunk, max_pages=cap_pages)
+                                prefill_chunk=self.prefill_chunk, max_pages=cap_pages,
+                                min_pages=self.min_page_bucket)
         self.runner.sample(self.runner.execute(step), [(greedy, 0, i) for i in range(n)])
     if self.alloc.num_pages > 2:
       self.runner.copy_page(1, 2)  # the copy-on-write of a partial prefix hit
@@ -981,5 +989,6 @@ class Engine:
     """Upper bound on distinct step shapes (compiled programs) this engine can produce."""
     nb = len(step_batch.buckets(self.max_batch))
     nt = len(step_batch.buckets(self.prefill_chunk, lo=min(8, self.prefill_chunk)))
-    nn = len(step_batch.buckets(self.max_pages_per_seq))
+    nn = len([P for P in step_batch.buckets(self.max_pages_per_seq)
+              if P >= self.min_page_bucket])
     return nb * nn * (nt + 1)

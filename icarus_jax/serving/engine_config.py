@@ -43,6 +43,10 @@ class EngineConfig:
               "tier); default: all in memory"})
   mixed_steps: bool = field(default=False, metadata={
       "help": "decode rows ride along with the first prefill call of a step (vLLM-V1 style)"})
+  min_page_bucket: int = field(default=1, metadata={
+      "help": "smallest page-count bucket a step reads (rounded up to a power of two): fewer "
+              "compiled programs (each costs seconds on a real model) for more masked page "
+              "reads at short contexts"})
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -51,7 +55,7 @@ class EngineConfig:
       raise IcarusError(f"attention_backend={self.attention_backend!r} is unknown; accepted: "
                         f"{ATTENTION_BACKENDS}")
     for name in ("num_pages", "page_size", "max_batch", "prefill_chunk", "max_adapters",
-                 "max_rank"):
+                 "max_rank", "min_page_bucket"):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise IcarusError(f"{name} must be a positive int, got {v!r}")

@@ -108,15 +108,16 @@ def buckets(cap: int, lo: int = 1) -> list[int]:
 
 
 def build(rows: Sequence[StepRow], *, decode: bool, max_batch: int, prefill_chunk: int,
-          max_pages: int) -> Step:
+          max_pages: int, min_pages: int = 1) -> Step:
   """Packs ``rows`` into bucketed arrays. Decode steps have ``T = 1``; prefill steps bucket the
-  longest row's new tokens (at least 8, at most ``prefill_chunk``)."""
+  longest row's new tokens (at least 8, at most ``prefill_chunk``); the page table's width is
+  the longest row's page count bucketed between ``min_pages`` and ``max_pages``."""
   if not rows or len(rows) > max_batch:
     raise ValueError(f"a step takes 1..{max_batch} rows, got {len(rows)}")
   n = len(rows)
   B = bucket(n, max_batch)
   T = 1 if decode else bucket(max(r.num_new for r in rows), prefill_chunk, lo=min(8, prefill_chunk))
-  N = bucket(max(len(r.page_table) for r in rows), max_pages)
+  N = bucket(max(len(r.page_table) for r in rows), max_pages, lo=min_pages)
   for i, r in enumerate(rows):
     if r.num_new > T:
       raise ValueError(f"row {i} has {r.num_new} new tokens; this step takes at most {T}")
