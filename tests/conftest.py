@@ -26,6 +26,19 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 HF_FIXTURES = FIXTURES / "hf"
 
 
+# Modules with the longest tests (``pytest --durations``: the 8-device sharding check is one
+# ~5-minute fixture, the AOT compiles ~15 minutes of CPU in all, the accuracy, notebook and
+# packaging runs 1.5-2 minutes each) run first, so the two xdist workers start them early and
+# finish together instead of one waiting on a late long test: CI's limit is wall time.
+RUN_FIRST = ("test_sharding.py", "test_accuracy_table.py", "test_notebook.py", "test_packaging.py",
+             "test_tpu_aot.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(RUN_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: module order kept
+
+
 @pytest.fixture(scope="session")
 def tiny():
   cfg = tiny_config()

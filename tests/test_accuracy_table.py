@@ -34,7 +34,7 @@ app.run(table.main)
 @pytest.mark.slow
 def test_selection_never_reads_test_and_runs_resume(tmp_path):
   args = ["--tasks=reversal", "--methods=icarus_lora,lora_matched", "--lora_lrs=1e-3,3e-3",
-          "--seeds=0,1", "--steps=4", "--log_every=2", "--val_examples=6", "--eval_examples=6",
+          "--seeds=0", "--steps=4", "--log_every=2", "--val_examples=6", "--eval_examples=6",
           "--tfds_config=small", f"--out={tmp_path / 'out'}", f"--workdir={tmp_path / 'runs'}",
           "--export_adapters=", "--base=small_base", f"--tfds_dir={tmp_path / 'tfds'}"]
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
@@ -53,7 +53,7 @@ def test_selection_never_reads_test_and_runs_resume(tmp_path):
                      capture_output=True, text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-2000:]
   recs = [json.loads(l) for l in jsonl.read_text().splitlines()]
-  assert len(recs) == 10 and len({(x["phase"], x["method"], x["seed"], x["lr"]) for x in recs}) == 10
+  assert len(recs) == 8 and len({(x["phase"], x["method"], x["seed"], x["lr"]) for x in recs}) == 8
   assert recs[:2] == [json.loads(l) for l in jsonl.read_text().splitlines()[:2]]
   sweeps = {m: [x for x in recs if x["phase"] == "sweep" and x["method"] == m]
             for m in ("icarus_lora", "lora_matched")}
@@ -72,8 +72,7 @@ def test_selection_never_reads_test_and_runs_resume(tmp_path):
   rebuilt = json.loads((copy / "accuracy.json").read_text())
   assert rebuilt["table"] == summary["table"] and rebuilt["records"] == summary["records"]
   assert {(x["method"], x["seed"]) for x in summary["records"]} == {
-      ("icarus_lora", 0), ("icarus_lora", 1), ("lora_matched", 0), ("lora_matched", 1),
-      ("base", 0), ("chance", 0)}
+      ("icarus_lora", 0), ("lora_matched", 0), ("base", 0), ("chance", 0)}
   # the majority-answer row: the most frequent train answer, scored on the test prompts
   chance = next(x for x in recs if x["method"] == "chance")
   import collections

@@ -22,18 +22,21 @@ def _result(stdout: str) -> dict:
   return json.loads(lines[-1][len("RESULT "):])
 
 
-@pytest.fixture(scope="module")
-def sharded():
+def test_sharded_steps_equal_unsharded_on_every_mesh():
+  """One subprocess (8 forced devices; ~5 minutes on 2 cores) checks every mesh: one test, so
+  that pytest-xdist never runs it twice on two workers."""
   p = subprocess.run([sys.executable, str(HERE / "sharding_check.py")], capture_output=True,
                      text=True, timeout=900, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
   assert p.returncode == 0, p.stderr[-3000:]
-  return _result(p.stdout)
-
-
-@pytest.mark.parametrize("spec", ["data:1,model:8", "data:2,model:4", "data:8,model:1"])
-def test_sharded_steps_equal_unsharded(sharded, spec):
+  sharded = _result(p.stdout)
   assert sharded["devices"] == 8
-  r = sharded[spec]
+  for spec in ("data:1,model:8", "data:2,model:4", "data:8,model:1"):
+    _check_mesh(sharded[spec], spec)
+  assert "needs 16 devices, but only 8 are visible" in sharded["too_large_error"]
+  assert "num_kv_heads=2 is not divisible by the mesh's model axis (4)" in sharded["kv_heads_error"]
+
+
+def _check_mesh(r: dict, spec: str) -> None:
   assert r["tokens_equal"]                       # greedy engine outputs identical
   assert r["step_logits_max_diff"] <= 1e-5       # one fused prefill step, logits
   # the engine's step (StepBatch, jitted with explicit in/out shardings), both backends
@@ -59,11 +62,6 @@ def test_sharded_steps_equal_unsharded(sharded, spec):
     assert not r["q_weight_replicated"]
     assert "model" in r["q_weight_sharding"] and "model" in r["pages_sharding"]
     assert "model" in r["pool_sharding"]
-
-
-def test_sharding_errors(sharded):
-  assert "needs 16 devices, but only 8 are visible" in sharded["too_large_error"]
-  assert "num_kv_heads=2 is not divisible by the mesh's model axis (4)" in sharded["kv_heads_error"]
 
 
 def test_mesh_spec_parsing():

@@ -86,12 +86,15 @@ def _small_8b_heads(layers=2):
 
 
 @pytest.mark.parametrize("backend", ["reference", "pallas"])
-@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: f"data{m[0]}xmodel{m[1]}")
+@pytest.mark.parametrize("mesh", [m for m in MESHES if m != (2, 4)],
+                         ids=lambda m: f"data{m[0]}xmodel{m[1]}")
 @pytest.mark.parametrize("topology", ["v5e:2x4", "v6e:2x4"])
 def test_pool_in_place_on_every_mesh(topology, mesh, backend):
   """The TPU twin of tests/test_kv_in_place.py: for every (data, model) split of 8 chips, decode
   and prefill buckets, the compiled step has no pool-shaped copy, transpose or collective, and
-  its temporaries do not grow when the pool grows 8x (each device's 0.5 -> 4 GiB)."""
+  its temporaries do not grow when the pool grows 8x (each device's 0.5 -> 4 GiB). Data 2 x
+  model 4 is the full Llama-3.1-8B test above (same checks, temporaries under 10% of the real
+  pool, both chips, both backends, both modes): not compiled twice, CI's time is finite."""
   cfg = _small_8b_heads()
   # Per-device pools of 0.5 and 4 GiB: larger than VMEM (128 MiB), so libtpu cannot stage the
   # whole pool on chip (it prefetches a pool that small into VMEM, a copy that real pools never
