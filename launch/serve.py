@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 from absl import app, flags
 
@@ -58,52 +57,21 @@ flags.DEFINE_list("lora_roots", None, "With --allow_runtime_lora: only adapter p
 
 def build(argv_flags=FLAGS):
   """(AsyncEngine, app) from flags; exposed for tests."""
-  from icarus_jax.checkpoints.assets import default_adapters_dir, load_any_base, load_base_tokenizer
-  from icarus_jax.serving.async_engine import AsyncEngine
-  from icarus_jax.serving.engine import Engine
   from icarus_jax.errors import IcarusError
-  from icarus_jax.checkpoints.peft_io import load_adapter
-  from icarus_jax.serving.server import create_app
+  from icarus_jax.serving.server_builder import ServerSpec, build_server
 
   f = argv_flags
-  cfg, base = load_any_base(f.base, dtype=f.dtype)
-  tokenizer, chat = load_base_tokenizer(f.base, tokenizer=f.tokenizer,
-                                        chat_template=f.chat_template)
-  if tokenizer.vocab_size > cfg.vocab_size:
-    raise SystemExit(f"tokenizer has {tokenizer.vocab_size} ids but the model only "
-                     f"{cfg.vocab_size}")
-  engine = Engine.from_config(cfg, base, dataclass_from_flags(EngineConfig, flag_values=f),
-                              tokenizer=tokenizer)
-  kind = "icarus_lora" if f.mode == "icarus" else "lora"
-  shipped = default_adapters_dir(f.base)
-  paths = f.adapters if f.adapters is not None else (
-      [str(p) for p in sorted(shipped.glob(f"*-{kind}"))] if shipped and shipped.exists()
-      else [])
-  from icarus_jax.checkpoints.peft_io import adapter_specs
+  spec = ServerSpec(base=f.base, adapters=f.adapters,
+                    engine=dataclass_from_flags(EngineConfig, flag_values=f),
+                    base_name=f.base_name, dtype=f.dtype, tokenizer=f.tokenizer,
+                    chat_template=f.chat_template, mesh=f.mesh,
+                    api_key=f.api_key or os.environ.get("ICARUS_API_KEY") or None,
+                    allow_runtime_lora=f.allow_runtime_lora, lora_roots=f.lora_roots,
+                    trust_foreign_adapters=f.trust_foreign_adapters)
   try:
-    specs = adapter_specs(paths)
+    return build_server(spec)
   except IcarusError as e:
-    raise SystemExit(f"--adapters: {e}") from None
-  for name, d in specs:
-    trusted = engine.fingerprint if f.trust_foreign_adapters else None
-    try:
-      if f.max_host_adapters is not None:  # disk tier
-        engine.register_adapter(d, name, loader=lambda p, n: load_adapter(
-            p, kind=kind, name=n, base_fingerprint=trusted))
-      else:
-        engine.add_adapter(load_adapter(d, kind=kind, name=name, base_fingerprint=trusted), name)
-      logging.info("loaded adapter %s from %s", name, d)
-    except IcarusError as e:
-      logging.warning("skipping adapter %s: %s", d, e)
-  if f.mesh:
-    from icarus_jax.model.sharding import make_mesh, shard_engine
-    shard_engine(engine, make_mesh(f.mesh))
-  aengine = AsyncEngine(engine).start()
-  api_key = f.api_key or os.environ.get("ICARUS_API_KEY") or None
-  return aengine, create_app(aengine, tokenizer, base_name=f.base_name, chat_template=chat,
-                             api_key=api_key, allow_runtime_lora=f.allow_runtime_lora,
-                             lora_roots=f.lora_roots,
-                             trust_foreign_adapters=f.trust_foreign_adapters)
+    raise SystemExit(f"launch.serve: {e}") from None
 
 
 def exit_when_dead(aengine, grace_s: float, poll_s: float = 0.2) -> None:
