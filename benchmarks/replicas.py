@@ -166,9 +166,10 @@ def main(argv):
     # compile every replica's programs before timing: a warm-up point at the first rate
     asyncio.run(run_point(port, models, float(FLAGS.rates[0]), 2 * FLAGS.replicas, FLAGS.turns,
                           FLAGS.seed + 99))
-    for rate in FLAGS.rates:
+    for k, rate in enumerate(FLAGS.rates):  # new task contexts per point (the replicas' caches
+      # keep the earlier points' workflows; only the shared system prompt carries over)
       r = asyncio.run(run_point(port, models, float(rate), FLAGS.workflows, FLAGS.turns,
-                                FLAGS.seed))
+                                FLAGS.seed + k))
       r.update(mode=mode, policy=policy, replicas=FLAGS.replicas)
       points.append(r)
       tqdm.write(json.dumps(r))
