@@ -12,26 +12,16 @@ one engine.
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
-
+from icarus_jax.bench.multi_instance import _Instances, _Runner
 from icarus_jax.errors import IcarusError
 from icarus_jax.serving.cost_model import Hardware, RooflineSimulator, VirtualClock
-from icarus_jax.serving.engine import Engine, EngineStats, RequestOutput
+from icarus_jax.serving.engine import Engine, RequestOutput
 from icarus_jax.serving.routing import ContextAffinity, ModelAffinity, PowerOfTwo, token_keys
 
 POLICIES = ("context", "model", "pow2")
 
 
-class _Runner:
-  def __init__(self, owner: "ReplicaSet"):
-    self._owner = owner
-
-  def wait_until(self, t: float) -> None:
-    self._owner._idle.advance_to(t)
-
-
-class ReplicaSet:
+class ReplicaSet(_Instances):
   """``n`` replicas of one engine configuration (``engine_kw``: mode, num_pages, ...) on ``n``
   devices of ``hw``, requests routed by ``policy`` (``POLICIES``)."""
 
@@ -46,19 +36,18 @@ class ReplicaSet:
                    "model": ModelAffinity, "pow2": lambda: PowerOfTwo(seed)}[policy]()
     self._clocks = [VirtualClock() for _ in range(n)]
     self._idle = VirtualClock()
-    self.replicas: list[Engine] = []
+    replicas = {}
     for i in range(n):
       sim = RooflineSimulator(cfg, hw)
       sim.clock = self._clocks[i]
       e = Engine(cfg, None, simulator=sim, **engine_kw)
       for a in adapters:
         e.add_adapter(a)
-      self.replicas.append(e)
+      replicas[i] = e
+    super().__init__(replicas)
+    self.replicas: list[Engine] = list(replicas.values())
     self.mode = self.replicas[0].mode
     self._include_model = self.mode == "isolated"  # its cache is per model
-    self._ids = itertools.count()
-    self._where: dict[int, tuple[int, int]] = {}  # global id -> (replica, its request id)
-    self._done: list[RequestOutput] = []
     self.requests_per_replica = [0] * n
     self.runner = _Runner(self)
 
@@ -87,10 +76,8 @@ class ReplicaSet:
     self.policy.record(key, i)
     self._clocks[i].advance_to(now)
     rid = self.replicas[i].submit(prompt, adapter, sampling, **kw)
-    gid = next(self._ids)
-    out = self.replicas[i].outputs[rid]
-    out.request_id = gid
-    self._where[gid] = (i, rid)
+    gid = next(self._ids)  # ids unique across replicas
+    self.replicas[i].outputs[rid].request_id = gid
     self.requests_per_replica[i] += 1
     return gid
 
@@ -104,28 +91,9 @@ class ReplicaSet:
     self._done = [o for o in self._done if o.finish_time > now]
     return sorted(ready, key=lambda o: o.finish_time)
 
-  @property
-  def has_work(self) -> bool:
-    return bool(self._done) or any(e.has_work for e in self.replicas)
-
-  @property
-  def stats(self) -> EngineStats:
-    st = EngineStats()
-    for e in self.replicas:
-      for f in dataclasses.fields(EngineStats):
-        if f.name != "per_adapter":
-          setattr(st, f.name, getattr(st, f.name) + getattr(e.stats, f.name))
-    return st
-
-  def bytes_per_page(self) -> int:
-    return self.replicas[0].bytes_per_page()
-
   def snapshot(self) -> dict:
-    snaps = [e.snapshot() for e in self.replicas]
-    out = {k: sum(s[k] for s in snaps) for k, v in snaps[0].items()
-           if isinstance(v, (int, float)) and k != "bytes_per_page"}
-    out["bytes_per_page"] = snaps[0]["bytes_per_page"]
-    out["replicas"] = len(snaps)
+    out = super().snapshot()
+    out["replicas"] = out.pop("instances")
     counts = self.requests_per_replica
     out["load_imbalance"] = max(counts) / (sum(counts) / len(counts)) if sum(counts) else 1.0
     return out

@@ -53,7 +53,6 @@ ROUTERS = ("context", "model", "pow2")
 #: characters of rendered prompt per hashed block (a page of text, roughly)
 BLOCK_CHARS = 64
 REPLICA_HEADER = "x-icarus-replica"
-ROUTES = ("/v1/chat/completions", "/v1/completions")
 
 
 def prompt_text(body: dict) -> str:
@@ -178,6 +177,11 @@ class EngineReplica:
       aengine.shutdown()
 
 
+def _auth(request: Request) -> dict:
+  """The caller's Authorization header, passed on to the replica's app (which checks it)."""
+  return {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
+
+
 def _ingress_app():
   api = FastAPI(title="icarus-jax on Ray Serve")
 
@@ -207,9 +211,8 @@ def _ingress_app():
       handle = self.replicas
       if self.router == "model":
         handle = handle.options(multiplexed_model_id=str(body.get("model") or ""))
-      auth = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
       try:
-        status, payload, replica = await handle.remote(path, body, auth)
+        status, payload, replica = await handle.remote(path, body, _auth(request))
       except Exception as e:  # noqa: BLE001 - a replica died or was unreachable: say so
         return error(503, f"the replica serving this request failed ({type(e).__name__}: "
                           f"{str(e)[:300]}); it was not retried, since it may have produced "
@@ -226,8 +229,7 @@ def _ingress_app():
 
     @api.get("/v1/models")
     async def models(self, request: Request):
-      auth = {k: v for k, v in request.headers.items() if k.lower() == "authorization"}
-      status, payload, replica = await self.replicas.get.remote("/v1/models", auth)
+      status, payload, replica = await self.replicas.get.remote("/v1/models", _auth(request))
       return JSONResponse(payload, status_code=status, headers={REPLICA_HEADER: replica})
 
     @api.get("/health")
