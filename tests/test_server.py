@@ -7,6 +7,7 @@ engine after disconnects and unloads.
 
 import asyncio
 import json
+import threading
 import os
 import subprocess
 import sys
@@ -305,18 +306,29 @@ def test_256_concurrent_requests_over_8_adapters(server, direct):
 
 
 def test_disconnect_mid_stream_frees_pages(server):
-  eng = server["engine"]
-  with httpx.stream("POST", server["url"] + "/v1/completions", headers=AUTH, timeout=60,
-                    json=dict(model="agent2", prompt="tell me a long story", max_tokens=400,
-                              ignore_eos=True, stream=True)) as resp:
-    n = 0
-    for line in resp.iter_lines():
-      if line.startswith("data: "):
-        n += 1
-      if n >= 3:
-        break
-    # it is running and holds pages (other tests' requests may still be draining: >= 1)
-    assert wait_for(lambda: any(s.adapter == "agent2" and s.page_table for s in eng.running), 5)
+  eng, aeng = server["engine"], server["aengine"]
+  gate = threading.Event()
+  try:
+    with httpx.stream("POST", server["url"] + "/v1/completions", headers=AUTH, timeout=60,
+                      json=dict(model="agent2", prompt="tell me a long story", max_tokens=480,
+                                ignore_eos=True, stream=True)) as resp:
+      assert resp.status_code == 200
+      n = 0
+      for line in resp.iter_lines():
+        if line.startswith("data: "):
+          n += 1
+        if n >= 3:
+          break
+      # Hold the engine thread between steps, so the request cannot run to its end before the
+      # client is gone (the server buffers tokens ahead of a slow reader; on loaded cores it once
+      # finished first and nothing was left to abort).
+      held = aeng.call(lambda e: gate.wait(60))
+      assert wait_for(lambda: held.running(), 10)
+      assert any(s.adapter == "agent2" and s.page_table for s in eng.running), (
+          [(s.adapter, len(s.page_table), len(s.tokens)) for s in eng.running], len(eng.waiting),
+          {k: (v.finish_reason, len(v.output_tokens)) for k, v in eng.outputs.items()})
+  finally:
+    gate.set()
   # Client gone: the request is aborted and every page it held is released.
   assert wait_for(lambda: no_live_pages(eng)), (len(eng.running), eng.pages_used())
   m = httpx.get(server["url"] + "/metrics").text
