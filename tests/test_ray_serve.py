@@ -36,6 +36,35 @@ def _workflow(port: int, tag: str, models: list[str]) -> list[dict]:
   return turns
 
 
+def _streamed_turn(port: int, names: list[str], replica: str) -> None:
+  """A streamed turn of workflow "alpha" through the ingress: routed to the replica that holds
+  its context, SSE chunks as the app sends them, the same text as not streamed, usage with the
+  cached context; a streamed request for an unknown model is a 404 JSON body."""
+  import json
+
+  import httpx
+  messages = [{"role": "system", "content": SYSTEM * 3},
+              {"role": "user", "content": "Task alpha: sort these words: pear apple fig alpha"}]
+  body = {"model": names[1], "messages": messages, "max_tokens": 6, "temperature": 0,
+          "ignore_eos": True}
+  url = f"http://127.0.0.1:{port}/v1/chat/completions"
+  plain = httpx.post(url, json=body, timeout=120).json()
+  with httpx.stream("POST", url, json={**body, "stream": True,
+                                       "stream_options": {"include_usage": True}},
+                    timeout=120) as r:
+    assert r.status_code == 200 and r.headers["x-icarus-replica"] == replica
+    lines = [ln[len("data: "):] for ln in r.iter_lines() if ln.startswith("data: ")]
+  assert lines[-1] == "[DONE]"
+  events = [json.loads(x) for x in lines[:-1]]
+  text = "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+  assert text == plain["choices"][0]["message"]["content"]
+  assert len([e for e in events if e["choices"]]) >= 3  # the role chunk, tokens, the finish
+  usage = events[-1]["usage"]
+  assert usage["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"] - 16
+  bad = httpx.post(url, json={**body, "model": "nope", "stream": True}, timeout=120)
+  assert bad.status_code == 404 and bad.json()["error"]["param"] == "model"
+
+
 @pytest.fixture(scope="module")
 def cluster():
   import socket
@@ -80,6 +109,7 @@ def test_context_affinity_keeps_a_workflow_on_one_replica_model_affinity_does_no
     assert len({t["replica"] for t in turns}) == 1, turns  # every turn on one replica
     for prev, t in zip(turns, turns[1:]):  # the later agents read the earlier turns' pages
       assert t["cached"] >= prev["prompt_tokens"] - 16, turns
+  _streamed_turn(port, names, ctx[0][0]["replica"])
   # model affinity: each model's requests go where that model was loaded; a 3-model workflow
   # spreads over the 2 replicas, which recompute its context
   _deploy("model")

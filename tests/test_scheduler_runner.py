@@ -19,7 +19,7 @@ from icarus_jax.serving.engine import Engine
 from icarus_jax.checkpoints.peft_io import save_adapter
 from icarus_jax.serving.reference import reference_generate
 from icarus_jax.serving.runner import DeviceRunner, RooflineRunner
-from icarus_jax.serving.sampling import SamplingParams
+from icarus_jax.serving.sampling import SAMPLING_FIELDS, SamplingParams
 from icarus_jax.serving.step_batch import StepBatch, StepRow
 
 PS = 8
@@ -131,7 +131,7 @@ def test_step_batch_is_a_pytree_of_its_arrays_only():
   s3 = step_batch.build(rows(3), decode=True, max_batch=4, prefill_chunk=8, max_pages=4)
   s4 = step_batch.build(rows(4), decode=True, max_batch=4, prefill_chunk=8, max_pages=4)
   leaves, tree = jax.tree_util.tree_flatten(s3.batch)
-  assert len(leaves) == len(step_batch.ARRAY_FIELDS) == 8
+  assert len(leaves) == len(step_batch.ARRAY_FIELDS) - 1 + len(SAMPLING_FIELDS) == 8 + 14
   assert tree == jax.tree_util.tree_flatten(s4.batch)[1]
   doubled = jax.tree_util.tree_map(lambda x: x * 2, s3.batch)
   assert isinstance(doubled, StepBatch) and doubled.dec_pos.tolist() == [16, 16, 16, 0]

@@ -232,6 +232,13 @@ def test_chat_validation_and_stop_and_n(server):
                                            temperature=0, ignore_eos=True, stop=[stop])).json()
   assert r["choices"][0]["text"] == text[:text.find(stop)]
   assert r["choices"][0]["finish_reason"] == "stop"
+  # /metrics records what the client saw: a stop string is a "stop" (not an abort), and the
+  # base has its API name
+  post(server, "/v1/completions", dict(model="tiny-base", prompt="abc", max_tokens=2))
+  m = httpx.get(server["url"] + "/metrics").text
+  assert 'icarus_requests_total{finish_reason="stop",model="agent3"}' in m
+  assert 'finish_reason="abort",model="agent3"' not in m
+  assert 'model="tiny-base"' in m and "__base__" not in m
   r = post(server, "/v1/completions", dict(model="agent3", prompt="abc", max_tokens=8, n=3,
                                            temperature=1.0, seed=5, return_token_ids=True))
   choices = r.json()["choices"]
@@ -240,6 +247,186 @@ def test_chat_validation_and_stop_and_n(server):
   again = post(server, "/v1/completions", dict(model="agent3", prompt="abc", max_tokens=8, n=3,
                                                temperature=1.0, seed=5, return_token_ids=True))
   assert [c["token_ids"] for c in again.json()["choices"]] == [c["token_ids"] for c in choices]
+
+
+def test_logprobs_penalties_and_bias_plain_and_streamed(server, models):
+  """Chat and completions logprobs equal the engine's (numpy-checked in test_sampler), streamed
+  == not streamed; text offsets add up; a +100 logit_bias forces its token; penalties change the
+  output; bad values are 400s naming the field."""
+  cfg, params, ads = models
+  tok, eng = server["tok"], server["engine"]
+  msgs = [{"role": "user", "content": "count with me"}]
+  body = dict(model="agent4", messages=msgs, max_tokens=6, temperature=0, ignore_eos=True,
+              logprobs=True, top_logprobs=3)
+  r = post(server, "/v1/chat/completions", body).json()
+  content = r["choices"][0]["logprobs"]["content"]
+  assert len(content) == r["usage"]["completion_tokens"] == 6
+  assert "".join(c["token"] for c in content) == r["choices"][0]["message"]["content"]
+  for c in content:
+    assert len(c["top_logprobs"]) == 3 and c["top_logprobs"][0]["token"] == c["token"]  # greedy
+    assert c["top_logprobs"][0]["logprob"] == pytest.approx(c["logprob"])
+    assert c["logprob"] <= 0 and c["bytes"] == list(c["token"].encode())
+  # the engine's own numbers for the same prompt
+  direct = Engine(cfg, params, tokenizer=tok, **ENGINE_KW)
+  direct.add_adapter(ads[4])
+  from icarus_jax.model.chat_template import ChatTemplate as _CT
+  out = direct.generate([_CT(tok).encode(msgs)], ["agent4"],
+                        SamplingParams(max_tokens=6, logprobs=3))[0]
+  assert [c["logprob"] for c in content] == pytest.approx([e.logprob for e in out.logprobs],
+                                                          abs=1e-5)
+  with httpx.stream("POST", server["url"] + "/v1/chat/completions", headers=AUTH, timeout=60,
+                    json=dict(body, stream=True)) as resp:
+    events = sse_events(resp)
+  streamed = [c for e in events[:-1] for ch in e["choices"]
+              for c in (ch.get("logprobs") or {}).get("content", [])]
+  assert streamed == content
+  # completions: logprobs is the count
+  cbody = dict(model="agent2", prompt="abc", max_tokens=5, temperature=0, ignore_eos=True,
+               logprobs=2)
+  c = post(server, "/v1/completions", cbody).json()["choices"][0]
+  lp = c["logprobs"]
+  assert "".join(lp["tokens"]) == c["text"] and len(lp["token_logprobs"]) == 5
+  assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(5)]
+  assert all(len(d) <= 2 for d in lp["top_logprobs"])
+  with httpx.stream("POST", server["url"] + "/v1/completions", headers=AUTH, timeout=60,
+                    json=dict(cbody, stream=True)) as resp:
+    parts = [ch["logprobs"] for e in sse_events(resp)[:-1] for ch in e["choices"]
+             if ch.get("logprobs")]
+  assert sum((p["token_logprobs"] for p in parts), []) == lp["token_logprobs"]
+  assert sum((p["text_offset"] for p in parts), []) == lp["text_offset"]
+  # logit_bias forces a token; a repetition penalty changes a greedy answer
+  forced = tok.encode("Z")[-1]
+  r = post(server, "/v1/completions", dict(model="agent2", prompt="abc", max_tokens=4,
+                                           temperature=0, ignore_eos=True, return_token_ids=True,
+                                           logit_bias={str(forced): 100})).json()
+  assert r["choices"][0]["token_ids"] == [forced] * 4
+  plain = post(server, "/v1/completions", dict(model="agent2", prompt="abab" * 4, max_tokens=12,
+                                               temperature=0, ignore_eos=True)).json()
+  pen = post(server, "/v1/completions", dict(model="agent2", prompt="abab" * 4, max_tokens=12,
+                                             temperature=0, ignore_eos=True,
+                                             repetition_penalty=50.0, frequency_penalty=2.0,
+                                             presence_penalty=2.0)).json()
+  assert pen["choices"][0]["text"] != plain["choices"][0]["text"]
+  for bad, param in [(dict(top_logprobs=2), "top_logprobs"), (dict(logprobs=21), "logprobs"),
+                     (dict(logit_bias={"x": 1}), "logit_bias"),
+                     (dict(logit_bias={"99999": 1}), "logit_bias"),
+                     (dict(logit_bias={"3": 500}), "logit_bias"),
+                     (dict(presence_penalty=3), "presence_penalty"), (dict(min_p=2), "min_p"),
+                     (dict(logprobs=2, echo=True), "echo")]:
+    r = post(server, "/v1/completions", dict(model="agent2", prompt="abc", max_tokens=2, **bad))
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+
+
+SCHEMA = {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 10},
+    "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+    "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}},
+    "required": ["city", "year", "tags"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {
+    "name": "weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 8}}, "required": ["city"],
+        "additionalProperties": False}}},
+         {"type": "function", "function": {
+             "name": "clock", "parameters": {"type": "object", "properties": {
+                 "zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+                 "additionalProperties": False}}}]
+
+
+@pytest.fixture(scope="module")
+def long_server():
+  """The tiny random base with a 1,536-token context (tool definitions take ~750 byte tokens)."""
+  from icarus_jax import tiny_config
+  cfg = tiny_config(max_seq_len=1536)
+  params = init_base_params(cfg, jax.random.key(3), scale=0.1)
+  tok = ByteTokenizer()
+  eng = Engine(cfg, params, tokenizer=tok, page_size=16, max_batch=8, prefill_chunk=64,
+               num_pages=600)
+  aeng = AsyncEngine(eng).start()
+  with serving(create_app(aeng, tok, base_name="agent1", api_key=KEY)) as port:
+    yield dict(url=f"http://127.0.0.1:{port}", engine=eng)
+  aeng.shutdown()
+
+
+def test_structured_outputs_and_forced_tool_calls(long_server):
+  """Even a random tiny model: json_schema outputs parse and validate (sampled, several seeds),
+  json_object is an object, tool_choice required / named always yields a valid call (plain and
+  streamed); bad specs are 400s."""
+  jsonschema = pytest.importorskip("jsonschema")
+  server = long_server
+  msgs = [{"role": "user", "content": "where and when?"}]
+  body = dict(model="agent1", messages=msgs, max_tokens=120, temperature=1.0, seed=3, n=4,
+              response_format={"type": "json_schema",
+                               "json_schema": {"name": "place", "schema": SCHEMA}})
+  r = post(server, "/v1/chat/completions", body).json()
+  for c in r["choices"]:
+    assert c["finish_reason"] == "stop", c
+    jsonschema.validate(json.loads(c["message"]["content"]), SCHEMA)
+  r = post(server, "/v1/chat/completions", dict(
+      model="agent1", messages=msgs, max_tokens=120, temperature=0.7, seed=1,
+      response_format={"type": "json_object"})).json()
+  c = r["choices"][0]
+  assert c["finish_reason"] == "stop" and isinstance(json.loads(c["message"]["content"]), dict)
+  r = post(server, "/v1/completions", dict(
+      model="agent1", prompt="json:", max_tokens=120, temperature=1.0, seed=2,
+      response_format={"type": "json_schema", "json_schema": {"schema": SCHEMA}})).json()
+  jsonschema.validate(json.loads(r["choices"][0]["text"]), SCHEMA)
+  for choice, names in (("required", {"weather", "clock"}),
+                        ({"type": "function", "function": {"name": "clock"}}, {"clock"})):
+    kw = dict(model="agent1", messages=msgs, tools=TOOLS, tool_choice=choice, max_tokens=150,
+              temperature=1.0, seed=7, parallel_tool_calls=False)
+    r = post(server, "/v1/chat/completions", kw)
+    assert r.status_code == 200, r.text
+    c = r.json()["choices"][0]
+    assert c["finish_reason"] == "tool_calls", c
+    calls = c["message"]["tool_calls"]
+    assert len(calls) == 1 and calls[0]["function"]["name"] in names
+    tool = next(t for t in TOOLS if t["function"]["name"] == calls[0]["function"]["name"])
+    jsonschema.validate(json.loads(calls[0]["function"]["arguments"]),
+                        tool["function"]["parameters"])
+    with httpx.stream("POST", server["url"] + "/v1/chat/completions", headers=AUTH, timeout=60,
+                      json=dict(kw, stream=True)) as resp:
+      events = sse_events(resp)[:-1]
+    streamed = [tc for e in events for ch in e["choices"]
+                for tc in ch["delta"].get("tool_calls", [])]
+    assert [tc["function"] for tc in streamed] == [calls[0]["function"]]  # same seed, same call
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+  for bad, param in [
+      (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+       "response_format"),
+      (dict(response_format={"type": "json_schema", "json_schema": {"schema": {"type": 5}}}),
+       "response_format"),
+      (dict(response_format={"type": "yaml"}), "response_format"),
+      (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "nope"}}),
+       "tool_choice"),
+      (dict(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}),
+       "response_format")]:
+    r = post(server, "/v1/chat/completions", dict(model="agent1", messages=msgs, **bad))
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+
+
+def test_batched_completion_prompts(server):
+  """A list of prompts (strings or token lists): choice ``p * n + i`` answers prompt ``p``,
+  equal to that prompt sent alone; usage adds up; streamed the same."""
+  body = dict(model="agent6", max_tokens=5, temperature=0, ignore_eos=True)
+  singles = [post(server, "/v1/completions", dict(body, prompt=p)).json()
+             for p in ("first prompt", "second")]
+  r = post(server, "/v1/completions", dict(body, prompt=["first prompt", "second"], n=2)).json()
+  assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+  assert [c["text"] for c in r["choices"]] == [singles[0]["choices"][0]["text"]] * 2 + [
+      singles[1]["choices"][0]["text"]] * 2
+  assert r["usage"]["prompt_tokens"] == sum(x["usage"]["prompt_tokens"] for x in singles)
+  assert r["usage"]["completion_tokens"] == 20
+  ids = server["tok"].encode("second")
+  t = post(server, "/v1/completions", dict(body, prompt=[ids, ids[:3]])).json()
+  assert t["choices"][0]["text"] == singles[1]["choices"][0]["text"]
+  with httpx.stream("POST", server["url"] + "/v1/completions", headers=AUTH, timeout=60,
+                    json=dict(body, prompt=["first prompt", "second"], stream=True)) as resp:
+    events = sse_events(resp)
+  texts = {}
+  for e in events[:-1]:
+    for c in e["choices"]:
+      texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+  assert texts == {0: singles[0]["choices"][0]["text"], 1: singles[1]["choices"][0]["text"]}
 
 
 @pytest.mark.parametrize("model", ["agent1", "agent5"])

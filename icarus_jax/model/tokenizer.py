@@ -92,6 +92,11 @@ class HFTokenizer:
   def decode(self, ids) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+  @property
+  def backend(self):
+    """The ``tokenizers.Tokenizer`` (e.g. for a grammar engine that reads its JSON form)."""
+    return self._tok
+
   def token_text(self, token_id: int) -> str:
     """The vocabulary string of one id (e.g. ``"<|im_end|>"``)."""
     return self._tok.id_to_token(int(token_id))

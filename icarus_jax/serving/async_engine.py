@@ -4,7 +4,8 @@ The :class:`~icarus_jax.serving.engine.Engine` is single-threaded by design. ``A
 thread that alternates between running queued commands (submit, abort, add/remove adapter, any
 callable) and ``engine.step()``. Handlers on the asyncio loop call :meth:`submit`, which raises
 the engine's own errors (unknown adapter, prompt too long...) in the caller, and then iterate the
-request's events: one ``("token", id)`` per sampled token and a final ``("done", RequestOutput)``.
+request's events: one ``("token", id, TokenLogprobs | None)`` per sampled token (the entry when
+the request asked for logprobs) and a final ``("done", RequestOutput)``.
 
 Invariants: every submitted request gets exactly one ``done`` event (finished, aborted, or failed
 when a step raised); the engine's ``outputs`` entry is dropped once delivered, so a long-running
@@ -114,10 +115,11 @@ class AsyncEngine:
     rid = await self.acall(do)
     return rid, q
 
-  def abort(self, rid: int) -> None:
-    """Cancels ``rid`` if it is still live (its pages are freed on the engine thread)."""
+  def abort(self, rid: int, reason: str = "abort") -> None:
+    """Cancels ``rid`` if it is still live (its pages are freed on the engine thread);
+    ``reason`` as in ``Engine.abort``."""
     def do(engine: Engine):
-      if engine.abort(rid):
+      if engine.abort(rid, reason):
         self._deliver_done(rid)
     self.call(do)
 
@@ -128,7 +130,9 @@ class AsyncEngine:
   def _on_token(self, rid: int, token: int, done: bool) -> None:
     st = self._streams.get(rid)
     if st is not None:
-      st.loop.call_soon_threadsafe(st.queue.put_nowait, ("token", token))
+      lps = self.engine.outputs[rid].logprobs  # on the engine thread: this token's entry is last
+      st.loop.call_soon_threadsafe(st.queue.put_nowait,
+                                   ("token", token, lps[-1] if lps else None))
 
   def _deliver_done(self, rid: int) -> None:
     out = self.engine.outputs.pop(rid, None)

@@ -37,12 +37,14 @@ from icarus_jax.model.adapters import DEFAULT_ICARUS_TARGETS, DEFAULT_LORA_TARGE
 from icarus_jax.model.config import ModelConfig
 from icarus_jax.errors import (EngineStateLostError, IcarusError, RequestTooLargeError,
                                UnknownAdapterError)
-from icarus_jax.serving.page_allocator import PageAllocator
 from icarus_jax.model.params import Params
-from icarus_jax.serving.prefix_cache import InsertCursor, PrefixCache
+from icarus_jax.serving.kv_cache_manager import KVCacheManager
+from icarus_jax.serving.prefix_cache import InsertCursor
 from icarus_jax.serving.engine_config import EngineConfig
-from icarus_jax.serving.runner import DeviceRunner, RooflineRunner, Runner
-from icarus_jax.serving.sampling import SamplingParams
+from icarus_jax.serving.grammar import GrammarCompiler, Matcher
+from icarus_jax.serving.runner import (DeviceRunner, RooflineRunner, Runner, StepResult,
+                                      TokenLogprobs)
+from icarus_jax.serving.sampling import SamplingParams, adjustments
 from icarus_jax.serving.step_batch import StepRow
 
 
@@ -62,6 +64,8 @@ class RequestOutput:
   token_times: list[float] = dataclasses.field(default_factory=list)
   finish_time: float | None = None
   error: str | None = None
+  #: one entry per output token when the request asked for logprobs (``SamplingParams.logprobs``)
+  logprobs: list[TokenLogprobs] | None = None
 
   @property
   def finished(self) -> bool:
@@ -88,6 +92,7 @@ class _Seq:
   priority: int = 0
   cache_cursor: InsertCursor = dataclasses.field(default_factory=InsertCursor)
   prefilling: bool = False  # admitted; its uncached tokens are computed a chunk per step
+  matcher: Matcher | None = None  # its grammar's state (structured outputs)
 
   @property
   def num_output(self) -> int:
@@ -185,6 +190,7 @@ class Engine:
     self.max_batch = max_batch
     self.prefill_chunk = prefill_chunk
     self.tokenizer = tokenizer
+    self._grammar_compiler: GrammarCompiler | None = None
     self.max_seq_len = min(max_seq_len or config.max_seq_len, config.max_seq_len)
     self.max_pages_per_seq = math.ceil(self.max_seq_len / page_size)
     self.min_page_bucket = step_batch.bucket(min_page_bucket, self.max_pages_per_seq)
@@ -201,8 +207,6 @@ class Engine:
     self.mixed_steps = mixed_steps
     self.clock = runner.clock
     self.fingerprint = runner.fingerprint
-    self.alloc = PageAllocator(num_pages)
-    self.cache = PrefixCache(page_size, self.alloc)
     self.attention_backend = attention_backend
     self.adapters: dict[str, Adapter] = {}  # host tier: adapters held in memory
     self._paths: dict[str, tuple[str, Callable]] = {}  # disk tier: name -> (path, loader)
@@ -222,9 +226,19 @@ class Engine:
     self.stats = EngineStats()
     self.shapes_seen: set[tuple] = set()
     self.schedule_log: list[tuple] | None = [] if record_schedule else None
-    # session -> (pages held for it, expiry time): a workflow's context kept while it waits
-    # for a tool (insertion order = oldest first)
-    self._retained: dict[Hashable, tuple[list[int], float]] = {}
+    # pages, prefix cache, session retention (a workflow's context kept while it waits for a
+    # tool): the scheduler asks, it never touches a refcount
+    self.kv = KVCacheManager(num_pages, page_size, self.clock, stats=self.stats)
+
+  @property
+  def alloc(self):
+    """The page allocator (read-only use: gauges, tests)."""
+    return self.kv.alloc
+
+  @property
+  def cache(self):
+    """The prefix cache (read-only use: gauges, tests)."""
+    return self.kv.cache
 
   def _log(self, *event) -> None:
     if self.schedule_log is not None:
@@ -344,8 +358,7 @@ class Engine:
       self._draining.discard(name)
       gen = self._adapter_gen.pop(name)
       if self.mode == "isolated":  # its K/V is now unreachable: give the pages back
-        for ns in [ns for ns in self.cache.roots if ns[2:] == (name, gen)]:
-          self.cache.drop_namespace(ns)
+        self.kv.drop_namespaces(lambda ns: ns[2:] != (name, gen))
 
   @property
   def adapter_names(self) -> list[str]:
@@ -377,6 +390,9 @@ class Engine:
     sampling = sampling or SamplingParams()
     if not isinstance(sampling, SamplingParams):
       raise IcarusError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    sampling.check_vocab(self.cfg.vocab_size)
+    matcher = (self.grammar_compiler.matcher(sampling.grammar) if sampling.grammar is not None
+               else None)
     if isinstance(prompt, str):
       if self.tokenizer is None:
         raise IcarusError("text prompt given but the engine has no tokenizer")
@@ -398,19 +414,20 @@ class Engine:
                                  f"{self.max_seq_len} tokens (prompt must leave room for output)")
     total = min(len(ids) + sampling.max_tokens, self.max_seq_len)
     need = math.ceil(total / self.page_size)
-    if need > self.alloc.capacity:
+    if need > self.kv.capacity:
       raise RequestTooLargeError(f"request needs {need} KV pages ({total} tokens) but the whole "
-                                 f"pool has {self.alloc.capacity}")
+                                 f"pool has {self.kv.capacity}")
     rid = next(self._ids)
     slot = BASE_SLOT  # an adapter's device slot is assigned at admission (_admit)
     # Isolated mode keys the cache by the adapter's identity (name + load generation), so an
     # adapter reloaded under the same name never reads its predecessor's K/V.
     ns = ((self.fingerprint, tenant) if self.mode == "icarus" else
           (self.fingerprint, tenant, adapter, self._adapter_gen.get(adapter, 0)))
-    out = RequestOutput(rid, adapter, list(ids), [], arrival_time=self.clock())
+    out = RequestOutput(rid, adapter, list(ids), [], arrival_time=self.clock(),
+                        logprobs=None if sampling.logprobs is None else [])
     seq = _Seq(rid, adapter, slot, ns, list(ids), list(ids), sampling, callback, out,
                order=next(self._order), session=session, retain_s=float(retain_s),
-               priority=priority)
+               priority=priority, matcher=matcher)
     # FIFO within a priority: after every waiting request of the same or a higher priority
     at = len(self.waiting)
     while at > 0 and self.waiting[at - 1].priority < priority:
@@ -419,24 +436,37 @@ class Engine:
     self.outputs[rid] = out
     return rid
 
-  def abort(self, rid: int) -> bool:
-    """Cancels a request (e.g. the client went away); frees its pages. True if it was live."""
+  def abort(self, rid: int, reason: str = "abort") -> bool:
+    """Cancels a request (e.g. the client went away); frees its pages. True if it was live.
+    ``reason``: its ``finish_reason`` ("abort", or "stop" when the caller matched a stop
+    string), so what is recorded is what the client saw."""
+    if reason not in ("abort", "stop"):
+      raise IcarusError(f"abort reason must be 'abort' or 'stop', got {reason!r}")
     for s in list(self.waiting):
       if s.rid == rid:
         self.waiting.remove(s)
-        self._finish(s, "abort", release=False)
+        self._finish(s, reason, release=False)
         return True
     for s in list(self.running):
       if s.rid == rid:
-        self._finish(s, "abort")
+        self._finish(s, reason)
         return True
     return False
+
+  @property
+  def grammar_compiler(self) -> GrammarCompiler:
+    """Compiles structured-output grammars for this engine's tokenizer (built on first use)."""
+    if self._grammar_compiler is None:
+      if self.tokenizer is None:
+        raise IcarusError("structured outputs need the engine's tokenizer (Engine(tokenizer=...))")
+      self._grammar_compiler = GrammarCompiler(self.tokenizer, self.cfg.vocab_size)
+    return self._grammar_compiler
 
   @property
   def max_request_tokens(self) -> int:
     """Most tokens (prompt + output) one request can hold: the context, or the whole KV pool
     if that is smaller (``submit`` refuses more)."""
-    return min(self.max_seq_len, self.alloc.capacity * self.page_size)
+    return min(self.max_seq_len, self.kv.capacity * self.page_size)
 
   @property
   def has_work(self) -> bool:
@@ -444,7 +474,7 @@ class Engine:
 
   # ------------------------------------------------------------------------------ pages
   def pages_used(self) -> int:
-    return self.alloc.capacity - self.alloc.num_free
+    return self.kv.pages_used()
 
   def kv_bytes_resident(self) -> int:
     return self.pages_used() * self.bytes_per_page()
@@ -452,49 +482,10 @@ class Engine:
   def bytes_per_page(self) -> int:
     return int(self.runner.bytes_per_page)
 
-  def _ensure_free(self, n: int, *, may_reclaim: bool = False) -> bool:
-    """Makes ``n`` pages free by evicting unreferenced cached pages (LRU); with
-    ``may_reclaim``, releases retained session contexts (oldest first) when that is not enough."""
-    short = n - self.alloc.num_free
-    if short > 0 and may_reclaim:
-      while self._retained and self.cache.num_unreferenced() < short:
-        self._release_retained(next(iter(self._retained)))
-        self.stats.retention_reclaimed += 1
-    if short > 0:
-      if self.cache.num_unreferenced() < short:
-        return False
-      # Evict a small batch at once (a low watermark) so eviction cost is amortised.
-      self.cache.evict(max(short, min(32, self.alloc.capacity // 64)))
-    return self.alloc.num_free >= n
-
-  def _retain(self, seq: _Seq) -> None:
-    """Holds the cached pages of ``seq``'s computed tokens for its session (called after its
-    pages went to the cache, before its own references are dropped)."""
-    if seq.session in self._retained:
-      self._release_retained(seq.session)
-    m = self.cache.match(seq.ns, seq.tokens[:seq.num_computed])
-    pages = list(m.pages) + ([m.partial_page] if m.partial_page is not None else [])
-    if pages:
-      self.alloc.incref(pages)
-      self._retained[seq.session] = (pages, self.clock() + seq.retain_s)
-      self.stats.retained_contexts += 1
-      self._log("retain", seq.rid, len(pages))
-
-  def _release_retained(self, session: Hashable) -> None:
-    pages, _ = self._retained.pop(session)
-    zero = self.alloc.decref(pages)
-    self.alloc.free([p for p in zero if not self.cache.is_cached(p)])
-
-  def _expire_retained(self) -> None:
-    now = self.clock()
-    for session in [k for k, (_, exp) in self._retained.items() if exp <= now]:
-      self._release_retained(session)
-      self.stats.retention_expired += 1
-
   @property
   def retained_sessions(self) -> list:
     """Sessions whose context is currently retained (oldest first)."""
-    return list(self._retained)
+    return self.kv.retained_sessions
 
   def _note_usage(self):
     self.stats.peak_pages_used = max(self.stats.peak_pages_used, self.pages_used())
@@ -502,13 +493,10 @@ class Engine:
   def _release_pages(self, seq: _Seq, computed_tokens: list[int], retain: bool = False) -> None:
     """Gives the sequence's computed pages to the prefix cache and drops its references
     (``retain``: the session keeps the cached ones, see ``submit``)."""
-    if seq.page_table:
-      # No cursor: the whole path is walked so that every node's access time is refreshed.
-      self.cache.insert(seq.ns, computed_tokens, seq.page_table, include_partial=True)
-      if retain:
-        self._retain(seq)
-      zero = self.alloc.decref(seq.page_table)
-      self.alloc.free([p for p in zero if not self.cache.is_cached(p)])
+    kept = self.kv.release(seq.ns, computed_tokens, seq.page_table,
+                           retain_for=(seq.session, seq.retain_s) if retain else None)
+    if kept:
+      self._log("retain", seq.rid, kept)
     seq.page_table = []
 
   # ------------------------------------------------------------------------------ admission
@@ -517,37 +505,21 @@ class Engine:
     resident, or passed the request over for this step)."""
     seq.slot = self.runner.slot_of(seq.adapter)
     S = seq.tokens
-    ps = self.page_size
     limit = len(S) if self.mode == "icarus" else len(S) - 1  # baseline recomputes the last token
-    m = self.cache.match(seq.ns, S, limit)
-    total_pages = math.ceil(len(S) / ps)
-    shared = m.pages
-    need = total_pages - len(shared)
-    # Hold what we matched so eviction cannot take it, then make room. Keep a watermark of
-    # pages for the running requests' next tokens, so admission does not cause preemption.
-    self.alloc.incref(shared)
-    if m.partial_page is not None:
-      self.alloc.incref([m.partial_page])
-    if seq.session in self._retained:  # this request now holds what its session kept
-      self._release_retained(seq.session)
-      self.stats.retention_hits += 1
-    watermark = 0 if not self.running else len(self.running) + max(1, self.alloc.capacity // 100)
-    # a continuing turn may reclaim retained contexts, and so may any request when the engine
-    # would otherwise idle (``idle``: nothing running or admitted in this step)
-    may_reclaim = seq.priority > 0 or idle
-    if not self._ensure_free(need + watermark, may_reclaim=may_reclaim):
-      self.alloc.decref(shared)
-      if m.partial_page is not None:
-        self.alloc.decref([m.partial_page])
+    # Keep a watermark of pages for the running requests' next tokens, so admission does not
+    # cause preemption. A continuing turn may reclaim retained contexts, and so may any request
+    # when the engine would otherwise idle (``idle``: nothing running or admitted in this step).
+    watermark = 0 if not self.running else len(self.running) + max(1, self.kv.capacity // 100)
+    res = self.kv.reserve(seq.ns, S, limit, session=seq.session, watermark=watermark,
+                          may_reclaim=seq.priority > 0 or idle)
+    if res is None:
       return False
-    private = self.alloc.allocate(need)
-    if m.partial_page is not None:
-      self.runner.copy_page(m.partial_page, private[0])  # copy-on-write of the partial match
-      self.alloc.decref([m.partial_page])
-    seq.page_table = list(shared) + private
-    # the matched full pages are in the tree already: a later insert starts after them
-    seq.cache_cursor = InsertCursor(m.nodes[-1] if m.nodes else None, len(m.nodes))
-    hit = m.num_tokens(ps)
+    if res.copy is not None:
+      self.runner.copy_page(*res.copy)  # copy-on-write of the partial match
+      self.kv.copied(res)
+    seq.page_table = list(res.page_table)
+    seq.cache_cursor = res.cursor
+    hit = res.cached_tokens
     seq.num_computed = hit
     if not seq.admitted_once:
       seq.admitted_once = True
@@ -565,53 +537,52 @@ class Engine:
     return True
 
   # ------------------------------------------------------------------------------ steps
-  def _run_rows(self, rows: list[tuple[_Seq, list[int], int]], decode: bool):
-    """One runner step. ``rows``: (seq, new token ids, first position). Returns logits [n, V]."""
+  def _run_rows(self, rows: list[tuple[_Seq, list[int], int]], decode: bool) -> StepResult:
+    """One runner step. ``rows``: (seq, new token ids, first position). Returns each row's
+    sampled next token (kept only by rows whose last token ran)."""
     ps = self.page_size
-    # A row reads only the pages of positions < start + len(new): a chunk early in a long prompt
-    # runs in a small page bucket instead of the prompt's full one.
+
+    def row(seq: _Seq, new: list[int], start: int) -> StepRow:
+      # A row reads only the pages of positions < start + len(new): a chunk early in a long
+      # prompt runs in a small page bucket instead of the prompt's full one.
+      end = start + len(new)
+      completes = end == len(seq.tokens)  # its sampled token is kept
+      return StepRow(seq.tokens, start, len(new), seq.page_table[:max(1, -(-end // ps))],
+                     seq.slot, seq.sampling, seq.num_output, seq.rid,
+                     adjustments(seq.sampling, seq.tokens, seq.num_output) if completes else None,
+                     seq.matcher.mask() if completes and seq.matcher is not None else None)
     step = step_batch.build(
-        [StepRow(seq.tokens, start, len(new), seq.page_table[:max(1, -(-(start + len(new)) // ps))],
-                 seq.slot) for seq, new, start in rows],
+        [row(*r) for r in rows],
         decode=decode, max_batch=self.max_batch, prefill_chunk=self.prefill_chunk,
         max_pages=self.max_pages_per_seq, min_pages=self.min_page_bucket)
     self.shapes_seen.add((self.mode, decode) + step.shape)
     self._log("step", decode, tuple((seq.rid, start, len(new)) for seq, new, start in rows))
     return self.runner.execute(step)
 
-  def _pick_tokens(self, seqs: list[_Seq], logits) -> list[int]:
-    return self.runner.sample(logits, [(s.sampling, s.num_output, s.rid) for s in seqs])
-
-  def _sample_and_append(self, seqs: list[_Seq], logits, keep: list[int] | None = None) -> None:
-    """Samples a token for every row of ``logits`` and appends it to ``seqs[i]`` for ``i`` in
-    ``keep`` (default: all rows)."""
-    if not seqs:
-      return
+  def _append_tokens(self, seqs: list[_Seq], result: StepResult,
+                     keep: list[int] | None = None) -> None:
+    """Appends row ``i``'s sampled token (``result``) to ``seqs[i]`` for ``i`` in ``keep``
+    (default: all rows), with its logprobs when the request asked; stop checks, callbacks."""
     kept = range(len(seqs)) if keep is None else keep
-    try:
-      # rows outside ``keep`` are sampled too (sampling is per row and stateless) and dropped
-      toks = self._pick_tokens(seqs, logits)
-      pairs = [(seqs[i], toks[i]) for i in kept]
-    except Exception:  # noqa: BLE001 - find the request(s) at fault, serve the others
-      if len(kept) > 1:
-        self.stats.isolated_faults += 1
-      pairs = []
-      for i in kept:
-        try:
-          pairs += [(seqs[i], t) for t in self._pick_tokens(
-              [seqs[i]], None if logits is None else logits[i:i + 1])]
-        except Exception as e:  # noqa: BLE001
-          self._fail(seqs[i], e)
     now = self.clock()
-    for s, t in pairs:
-      t = int(t)
+    for i in kept:
+      s = seqs[i]
+      t, lp = result.row(i, s.sampling.logprobs)
       s.tokens.append(t)
       s.out.output_tokens.append(t)
+      if s.out.logprobs is not None:
+        s.out.logprobs.append(lp)
       if s.out.first_token_time is None:
         s.out.first_token_time = now
       s.out.token_times.append(now)
       reason = None
-      if t in s.sampling.stop_token_ids:
+      if s.matcher is not None:
+        try:
+          s.matcher.consume(t)
+        except IcarusError as e:
+          self._fail(s, e)
+          continue
+      if t in s.sampling.stop_token_ids or (s.matcher is not None and s.matcher.done):
         reason = "stop"
       elif s.num_output >= s.sampling.max_tokens or len(s.tokens) >= self.max_seq_len:
         reason = "length"
@@ -627,25 +598,26 @@ class Engine:
   def _run_rows_isolated(self, rows, decode: bool):
     """:meth:`_run_rows`, and if the batch raises, each row alone: rows that still raise fail
     (their request ends with ``finish_reason="error"``), the others are served. Returns
-    ``(rows that ran, their logits)``."""
+    ``(rows that ran, their StepResult)``."""
     try:
       return rows, self._run_rows(rows, decode)
     except Exception as e:  # noqa: BLE001
       self._raise_if_state_lost(e)
       if len(rows) == 1:
         self._fail(rows[0][0], e)
-        return [], []
+        return [], StepResult.concat([])
     self.stats.isolated_faults += 1
-    ok, logits = [], []
+    ok, parts = [], []
     for r in rows:
       try:
-        lg = self._run_rows([r], decode)
+        res = self._run_rows([r], decode)
       except Exception as e:  # noqa: BLE001
+        self._raise_if_state_lost(e)
         self._fail(r[0], e)
         continue
       ok.append(r)
-      logits.append(None if lg is None else lg[0])
-    return ok, (self.runner.stack(logits) if ok else [])
+      parts.append(res)
+    return ok, StepResult.concat(parts)
 
   @property
   def state_lost(self) -> bool:
@@ -730,7 +702,7 @@ class Engine:
       rows.append((s, s.tokens[start:start + self.prefill_chunk], start))
     if not rows:
       return
-    rows, logits = self._run_rows_isolated(rows, decode=False)
+    rows, result = self._run_rows_isolated(rows, decode=False)
     done = []  # indices of the rows whose last prompt token was computed in this call
     for i, (s, new, start) in enumerate(rows):
       s.num_computed = start + len(new)
@@ -745,23 +717,20 @@ class Engine:
       elif id(s) not in riding and s.num_computed >= self.page_size:
         # the full pages computed so far are shareable now (the next step's admissions reuse
         # them instead of waiting for the whole prompt)
-        self.cache.insert(s.ns, s.tokens[:s.num_computed], s.page_table, include_partial=False,
-                          cursor=s.cache_cursor)
+        self.kv.cache_computed(s.ns, s.tokens[:s.num_computed], s.page_table, s.cache_cursor)
     if done:
       for i in done:  # full pages of the prompt become shareable right away
         s = rows[i][0]
-        self.cache.insert(s.ns, s.tokens, s.page_table, include_partial=False,
-                          cursor=s.cache_cursor)  # s.tokens: all computed, no copy
-      # every row is sampled (sampling is per row and stateless, so the extra rows change
-      # nothing) and only finished ones keep a token: no per-subset gather or stack programs
-      self._sample_and_append([r[0] for r in rows], logits, keep=done)
+        self.kv.cache_computed(s.ns, s.tokens, s.page_table, s.cache_cursor)  # all computed
+      # every row was sampled in the step (per row and stateless); only finished ones keep it
+      self._append_tokens([r[0] for r in rows], result, keep=done)
 
   def step(self) -> list[RequestOutput]:
     """Admit, run one prefill chunk of every prefilling request, decode once. Returns the
     requests that finished in this step."""
     self.stats.steps += 1
     self._pinned = set()
-    self._expire_retained()
+    self.kv.expire()
     before = {s.rid for s in itertools.chain(self.waiting, self.running)}
     admitted: list[_Seq] = []
     ride: list[_Seq] = []
@@ -805,12 +774,12 @@ class Engine:
       decoding = self._reserve_decode_pages(decoding)
     if decoding:
       rows = [(s, [s.tokens[s.num_computed]], s.num_computed) for s in decoding]
-      rows, logits = self._run_rows_isolated(rows, decode=True)
+      rows, result = self._run_rows_isolated(rows, decode=True)
       decoding = [r[0] for r in rows]
       for s in decoding:
         s.num_computed += 1
       self.stats.decode_tokens += len(decoding)
-      self._sample_and_append(decoding, logits)
+      self._append_tokens(decoding, result)
     self._note_usage()
     return [self.outputs[r] for r in before if self.outputs[r].finished]
 
@@ -830,8 +799,9 @@ class Engine:
       if s not in self.running:
         continue  # preempted meanwhile
       while s in self.running and s.num_computed // self.page_size >= len(s.page_table):
-        if self._ensure_free(1, may_reclaim=True):
-          s.page_table += self.alloc.allocate(1)
+        page = self.kv.extend(may_reclaim=True)
+        if page is not None:
+          s.page_table.append(page)
         else:
           victim = self._preempt_newest()
           if victim is s:
@@ -864,7 +834,7 @@ class Engine:
     st = self.stats
     return dict(
         running=len(self.running), waiting=len(self.waiting), pages_used=self.pages_used(),
-        pages_free=self.alloc.num_free, pages_capacity=self.alloc.capacity,
+        pages_free=self.kv.num_free, pages_capacity=self.kv.capacity,
         pages_cached_idle=self.cache.num_unreferenced(), pages_evicted=self.cache.evicted_pages,
         bytes_per_page=self.bytes_per_page(), preemptions=st.preemptions, steps=st.steps,
         adapter_loads=st.adapter_loads, adapter_evictions=st.adapter_evictions,
@@ -872,7 +842,7 @@ class Engine:
         resident_adapters=len(self._resident),
         prompt_tokens=st.prompt_tokens, cached_prompt_tokens=st.cached_prompt_tokens,
         prefill_tokens_computed=st.prefill_tokens_computed, decode_tokens=st.decode_tokens,
-        isolated_faults=st.isolated_faults, retained_sessions=len(self._retained),
+        isolated_faults=st.isolated_faults, retained_sessions=len(self.kv.retained_sessions),
         retained_contexts=st.retained_contexts, retention_hits=st.retention_hits,
         retention_expired=st.retention_expired, retention_reclaimed=st.retention_reclaimed,
         per_adapter={k: dict(v) for k, v in st.per_adapter.items()},
@@ -885,25 +855,9 @@ class Engine:
     contexts holding it; no page is both
     free and held or cached; free + held-or-cached = capacity.
     """
-    held = np.zeros(self.alloc.num_pages, np.int64)
-    for s in self.running:
-      for p in s.page_table:
-        held[p] += 1
-    for pages, _ in self._retained.values():
-      for p in pages:
-        held[p] += 1
     for s in self.waiting:
       assert not s.page_table, f"waiting request {s.rid} holds pages"
-    bad = np.nonzero(held != self.alloc.refcount)[0]
-    assert bad.size == 0, (f"refcount mismatch on pages {bad[:10].tolist()}: refcount "
-                           f"{self.alloc.refcount[bad[:10]].tolist()} vs held {held[bad[:10]].tolist()}")
-    used = (held > 0) | np.isin(np.arange(self.alloc.num_pages), list(self.cache.page_to_node))
-    for p in np.nonzero(used)[0]:
-      assert not self.alloc.is_free(int(p)), f"page {p} is free but in use"
-    assert self.alloc.num_free + int(used[1:].sum()) == self.alloc.capacity
-    self.cache.check_invariants()
-    assert self.cache.num_unreferenced() == self.cache.num_evictable(), \
-        "an unreferenced cached page sits above a referenced one (not evictable)"
+    self.kv.check_invariants(s.page_table for s in self.running)
 
   def context_kv(self, prompt, adapter: str | None = None) -> np.ndarray:
     """The K/V this engine's own step writes for ``prompt`` while serving ``adapter``.
@@ -934,14 +888,16 @@ class Engine:
 
   def flush_cache(self) -> int:
     """Evicts every unreferenced cached page; returns how many were freed."""
-    return self.cache.flush()
+    return self.kv.flush()
 
   def warm_up(self, max_context: int | None = None, min_context: int = 1) -> int:
     """Compiles every step program this engine can run for sequences of ``min_context`` to
     ``max_context`` tokens (default: 1 to ``max_seq_len``): each (batch, new tokens, pages)
-    bucket, decode and prefill, the sampler's batch buckets and the page copy; so that no compile stalls a
-    measured run. Runs on an idle engine with an empty prefix cache (its garbage K/V lands in
-    free pages, which an owner overwrites before reading). Returns the number of step shapes."""
+    bucket, decode and prefill (sampling included: it runs inside the step) and the page copy;
+    so that no compile stalls a measured run. Requests with penalties, ``logit_bias``, a
+    grammar or logprobs run programs of their own, compiled on first use. Runs on an idle engine
+    with an empty prefix cache (its garbage K/V lands in free pages, which an owner overwrites
+    before reading). Returns the number of step shapes."""
     if self.has_work or self.cache.num_cached_pages:
       raise IcarusError("warm_up needs an idle engine with an empty prefix cache")
     ps, cap_pages = self.page_size, self.max_pages_per_seq
@@ -956,7 +912,6 @@ class Engine:
     t_lo = min(8, self.prefill_chunk)
     token_buckets = step_batch.buckets(self.prefill_chunk, lo=t_lo)
     pages = [1 + i % (self.alloc.num_pages - 1) for i in range(cap_pages)]
-    greedy = SamplingParams(max_tokens=1)
     shapes = 0
     for B in step_batch.buckets(self.max_batch):
       for P in page_buckets:
@@ -969,18 +924,8 @@ class Engine:
                                   prefill_chunk=self.prefill_chunk, max_pages=cap_pages,
                                   min_pages=self.min_page_bucket)
           self.shapes_seen.add((self.mode, decode) + step.shape)
-          logits = self.runner.execute(step)
+          self.runner.execute(step)
           shapes += 1
-        self.runner.sample(logits, [(greedy, 0, i) for i in range(B)])
-      # fewer real rows than the bucket (a decode shape compiled above): the logits slice and
-      # the sampler's padding for each row count
-      P = page_buckets[0]
-      for n in range(1, B):
-        rows = [StepRow([1] * (P * ps), P * ps - 1, 1, pages[:P], BASE_SLOT)] * n
-        step = step_batch.build(rows, decode=True, max_batch=self.max_batch,
-                                prefill_chunk=self.prefill_chunk, max_pages=cap_pages,
-                                min_pages=self.min_page_bucket)
-        self.runner.sample(self.runner.execute(step), [(greedy, 0, i) for i in range(n)])
     if self.alloc.num_pages > 2:
       self.runner.copy_page(1, 2)  # the copy-on-write of a partial prefix hit
     return shapes

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_N = 16
+MAX_CHOICES = 256  # prompts x n in one completions request
 
 
 def _check_text(value: Any, where: str = "body") -> None:
@@ -67,17 +68,17 @@ class SamplingRequest(_Body):
   user: str | None = None
   cache_salt: str | None = None
   return_token_ids: bool = False
-  # accepted so that they are refused by name (400) rather than silently ignored
-  presence_penalty: float = 0.0
-  frequency_penalty: float = 0.0
-  repetition_penalty: float = 1.0
-  min_p: float = 0.0
-  logit_bias: dict[str, float] | None = None
+  presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+  frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+  repetition_penalty: float = Field(default=1.0, gt=0.0, le=1e4)
+  min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+  logit_bias: dict[str, float] | None = Field(default=None, max_length=1024)
 
 
 class CompletionRequest(SamplingRequest):
   prompt: str | list[int] | list[str] | list[list[int]]
   echo: bool = False
+  response_format: dict[str, Any] | None = None
 
 
 class ChatMessage(_Body):

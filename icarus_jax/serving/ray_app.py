@@ -8,7 +8,10 @@ two deployments:
   ``launch.serve``; every replica registers every adapter (the host/disk tiers make that cheap).
   Requests reach the app in-process (ASGI), so validation, errors, tool calls and usage are the
   single-process server's. Each response names the replica that served it
-  (``x-icarus-replica``).
+  (``x-icarus-replica``). Streamed requests (``stream: true``) run through a streaming handle:
+  the replica yields the app's SSE chunks as the app sends them (:func:`asgi_stream`), and a
+  client that goes away cancels the generator, which the app sees as a disconnect (its request
+  is aborted and its pages freed).
 * ``Ingress`` (one replica): the ``/v1/chat/completions``, ``/v1/completions``, ``/v1/models`` and
   ``/health`` routes, forwarding to ``EngineReplica`` through a deployment handle whose Ray
   ``RequestRouter`` is the routing policy.
@@ -36,12 +39,13 @@ re-route (and recompute their context) on a live replica.
 
 # No ``from __future__ import annotations``: Ray pickles the ingress class by value, and FastAPI
 # needs its ``Request`` annotations as objects in the replica process, not as strings.
+import asyncio
 import dataclasses
 import json
-from typing import Any
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.request_router import (FIFOMixin, LocalityMixin, MultiplexMixin, PendingRequest,
                                       ReplicaID, RequestRouter, RunningReplica)
@@ -127,6 +131,55 @@ class ContextAffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRou
     self._policy.forget(replica_id)
 
 
+async def asgi_stream(app, path: str, body: dict, headers: dict) -> AsyncIterator:
+  """POSTs ``body`` to ``app`` (ASGI, in-process) and yields ``(status, None)`` when the response
+  starts, then each body chunk (bytes) as the app sends it. Closing the generator early (the
+  client went away) tells the app ``http.disconnect`` and waits for it to finish."""
+  sent, disconnected = False, asyncio.Event()
+  queue: asyncio.Queue = asyncio.Queue()
+  raw = json.dumps(body).encode()
+
+  async def receive():
+    nonlocal sent
+    if not sent:
+      sent = True
+      return {"type": "http.request", "body": raw, "more_body": False}
+    await disconnected.wait()
+    return {"type": "http.disconnect"}
+
+  async def send(message):
+    await queue.put(message)
+
+  scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+           "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
+           "raw_path": path.encode(), "query_string": b"", "root_path": "",
+           "headers": [(b"content-type", b"application/json")] + [
+               (k.lower().encode(), v.encode()) for k, v in headers.items()],
+           "client": ("ray-ingress", 0), "server": ("replica", 80)}
+  task = asyncio.ensure_future(app(scope, receive, send))
+  task.add_done_callback(lambda t: queue.put_nowait(None))  # the app ended (or raised)
+  try:
+    while True:
+      message = await queue.get()
+      if message is None:
+        if task.exception() is not None:
+          raise task.exception()
+        return
+      if message["type"] == "http.response.start":
+        yield message["status"], None
+      elif message["type"] == "http.response.body":
+        if message.get("body"):
+          yield message["body"]
+        if not message.get("more_body", False):
+          return
+  finally:
+    disconnected.set()
+    try:
+      await asyncio.wait_for(asyncio.shield(task), 30)
+    except Exception:  # noqa: BLE001 - the app's own error handling answered; do not mask
+      pass
+
+
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=2.0)
 class EngineReplica:
   """One engine + OpenAI app (``ServerSpec`` as a dict of its fields)."""
@@ -160,6 +213,29 @@ class EngineReplica:
     except ValueError:
       payload = {"error": {"message": r.text, "type": "server_error"}}
     return r.status_code, payload, self.replica_id
+
+  async def stream(self, path: str, body: dict, headers: dict) -> AsyncIterator:
+    """A streamed request: yields ``(status, replica id)``, then the app's SSE chunks (bytes) as
+    they come; a non-200 answer yields its JSON error body (a dict) instead."""
+    model_id = serve.get_multiplexed_model_id()
+    if model_id:
+      await self._warm_model(model_id)
+    status = 500
+    chunks = asgi_stream(self.app, path, body, headers)
+    try:
+      async for item in chunks:
+        if isinstance(item, tuple):
+          status = item[0]
+          yield status, self.replica_id
+        elif status == 200:
+          yield item
+        else:  # an error answer: one JSON body
+          try:
+            yield json.loads(item)
+          except ValueError:
+            yield {"error": {"message": item.decode(errors="replace"), "type": "server_error"}}
+    finally:
+      await chunks.aclose()
 
   async def get(self, path: str, headers: dict) -> tuple[int, Any, str]:
     r = await self.client.get(path, headers=headers)
@@ -205,12 +281,11 @@ def _ingress_app():
         return error(400, "request body is not valid JSON")
       if not isinstance(body, dict):
         return error(400, "request body must be a JSON object")
-      if body.get("stream"):
-        return error(400, "stream=true is not supported through the Ray Serve app yet (use "
-                          "stream=false, or launch.serve for streaming)")
       handle = self.replicas
       if self.router == "model":
         handle = handle.options(multiplexed_model_id=str(body.get("model") or ""))
+      if body.get("stream"):
+        return await self._stream(handle, path, body, request)
       try:
         status, payload, replica = await handle.remote(path, body, _auth(request))
       except Exception as e:  # noqa: BLE001 - a replica died or was unreachable: say so
@@ -218,6 +293,36 @@ def _ingress_app():
                           f"{str(e)[:300]}); it was not retried, since it may have produced "
                           f"tokens; send it again", "server_error")
       return JSONResponse(payload, status_code=status, headers={REPLICA_HEADER: replica})
+
+    async def _stream(self, handle, path: str, body: dict, request: Request):
+      gen = handle.options(stream=True).stream.remote(path, body, _auth(request))
+      try:
+        status, replica = await gen.__anext__()
+        if status != 200:
+          payload = await gen.__anext__()
+          return JSONResponse(payload, status_code=status, headers={REPLICA_HEADER: replica})
+      except Exception as e:  # noqa: BLE001 - as _forward: the replica failed before answering
+        gen.cancel()
+        return error(503, f"the replica serving this request failed ({type(e).__name__}: "
+                          f"{str(e)[:300]}); it was not retried; send it again", "server_error")
+
+      async def chunks():
+        finished = False
+        try:
+          async for chunk in gen:
+            yield chunk
+          finished = True
+        except Exception as e:  # noqa: BLE001 - the replica died mid-stream: an SSE error
+          finished = True
+          err = {"error": {"message": f"the replica serving this request failed "
+                                      f"({type(e).__name__}); the stream is incomplete",
+                           "type": "server_error", "param": None, "code": "503"}}
+          yield f"data: {json.dumps(err)}\n\n".encode()
+        finally:
+          if not finished:
+            gen.cancel()  # the client went away: the replica's app sees a disconnect
+      return StreamingResponse(chunks(), media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", REPLICA_HEADER: replica})
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):

@@ -17,13 +17,15 @@ Interface (both):
   prepare_adapter(name, adapter) -> Adapter   validate for this runner; the host-tier copy
   has_free_slot; load_adapter(name, adapter) -> slot; unload_adapter(name); slot_of(name)
   copy_page(src, dst)                      copy-on-write of a partially shared page
-  execute(step) -> logits [num_rows, V]    one step (``step_batch.Step``); donated pages
-  sample(logits, rows) -> list[int]        ``rows``: (SamplingParams, tokens so far, request id)
-  stack(list of [V] logits) -> [n, V];  wait_until(t)   idle until the clock reads ``t``
+  execute(step) -> StepResult              one step (``step_batch.Step``; donated pages): each
+                                           real row's next token (and logprobs when asked),
+                                           sampled inside the step under the row's parameters
+  wait_until(t)                            idle until the clock reads ``t``
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -43,7 +45,7 @@ from icarus_jax.serving.cost_model import RooflineSimulator
 from icarus_jax.serving.engine_config import ATTENTION_BACKENDS
 from icarus_jax.errors import IcarusError
 from icarus_jax.model.params import Params, base_fingerprint
-from icarus_jax.serving.sampling import SamplingParams, sample
+from icarus_jax.serving.sampling import SAMPLING_FIELDS, Sampled, SamplingBatch
 from icarus_jax.serving import step_batch
 from icarus_jax.serving.step_batch import Step, StepBatch
 
@@ -51,7 +53,45 @@ ATTENTION_FNS = {"reference": engine_steps.paged_attention_reference,
                  "pallas": engine_steps.paged_attention_pallas}
 assert tuple(ATTENTION_FNS) == ATTENTION_BACKENDS, "engine_config.ATTENTION_BACKENDS names them"
 
-SampleRow = tuple[SamplingParams, int, int]  # (sampling, output tokens so far, request id)
+
+
+@dataclasses.dataclass
+class StepResult:
+  """A step's outcome on the host, for its ``n`` real rows (one device-to-host transfer).
+
+  tokens ``[n]`` int; logprob ``[n]`` float (the sampled token's; ``None`` when no row asked);
+  top_ids / top_logprobs ``[n, MAX_TOP_LOGPROBS]`` (``None`` when no row asked).
+  """
+
+  tokens: np.ndarray
+  logprob: np.ndarray | None = None
+  top_ids: np.ndarray | None = None
+  top_logprobs: np.ndarray | None = None
+
+  def row(self, i: int, k: int | None) -> tuple[int, "TokenLogprobs | None"]:
+    """Row ``i``'s token and, when ``k`` is not None, its logprob entry with ``k`` alternatives."""
+    t = int(self.tokens[i])
+    if k is None or self.logprob is None:
+      return t, None
+    top = tuple((int(a), float(b)) for a, b in zip(self.top_ids[i, :k], self.top_logprobs[i, :k]))
+    return t, TokenLogprobs(float(self.logprob[i]), top)
+
+  @staticmethod
+  def concat(parts: "Sequence[StepResult]") -> "StepResult":
+    """The rows of ``parts`` in order (a batch re-run row by row)."""
+    if not parts:
+      return StepResult(np.zeros((0,), np.int32))
+    cat = lambda xs: None if any(x is None for x in xs) else np.concatenate(xs)  # noqa: E731
+    return StepResult(np.concatenate([p.tokens for p in parts]), cat([p.logprob for p in parts]),
+                      cat([p.top_ids for p in parts]), cat([p.top_logprobs for p in parts]))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprobs:
+  """One generated token's logprob and its most likely alternatives ``((id, logprob), ...)``."""
+
+  logprob: float
+  top: tuple[tuple[int, float], ...]
 
 
 class Runner(Protocol):
@@ -66,10 +106,8 @@ class Runner(Protocol):
   def unload_adapter(self, name: str) -> None: ...
   def slot_of(self, name: str | None) -> int: ...
   def copy_page(self, src: int, dst: int) -> None: ...
-  def execute(self, step: Step): ...
+  def execute(self, step: Step) -> StepResult: ...
   def state_lost(self) -> bool: ...
-  def sample(self, logits, rows: Sequence[SampleRow]) -> list[int]: ...
-  def stack(self, logits: list): ...
   def wait_until(self, t: float) -> None: ...
 
 
@@ -110,17 +148,19 @@ def mesh_attention(backend: str, mesh, rules: dict, split_rows: bool
 
 
 def jit_mesh_step(cfg: ModelConfig, mode: str, backend: str, mesh, rules: dict, sh: dict,
-                  split_rows: bool):
+                  split_rows: bool, with_logprobs: bool = False):
   """``engine_steps.serving_step`` jitted for ``mesh`` with explicit in/out shardings (``sh``
   from :func:`mesh_shardings`), the pool donated; batch rows over ``data`` when ``split_rows``.
   """
   rows = NamedSharding(mesh, P("data") if split_rows else P())
-  batch_sh = StepBatch(*[rows] * len(step_batch.ARRAY_FIELDS))
-  logits_sh = NamedSharding(mesh, P("data" if split_rows else None, None))
+  batch_sh = StepBatch(*[rows] * (len(step_batch.ARRAY_FIELDS) - 1),
+                       SamplingBatch(*[rows] * len(SAMPLING_FIELDS)))
   attn = mesh_attention(backend, mesh, rules, split_rows)
-  return jax.jit(functools.partial(engine_steps.serving_step, cfg, mode, attn_fn=attn),
+  return jax.jit(functools.partial(engine_steps.serving_step, cfg, mode, attn_fn=attn,
+                                   with_logprobs=with_logprobs),
                  in_shardings=(sh["base"], sh["pool"], sh["pages"], batch_sh),
-                 out_shardings=(logits_sh, sh["pages"]), donate_argnums=(2,))
+                 out_shardings=(Sampled(rows, rows, rows, rows), sh["pages"]),
+                 donate_argnums=(2,))
 
 
 class DeviceRunner:
@@ -167,16 +207,17 @@ class DeviceRunner:
     """The attention of this runner's step on its mesh (:func:`mesh_attention`)."""
     return mesh_attention(self.attention_backend, self.mesh, self._rules, split_rows)
 
-  def _step_fn(self, B: int):
+  def _step_fn(self, B: int, with_logprobs: bool):
     """The jitted step for batch bucket ``B``: without a mesh the module-level jit; on a mesh
     :func:`jit_mesh_step` (batch rows over ``data`` when ``B`` divides, else replicated)."""
     if self.mesh is None:
-      return functools.partial(engine_steps.step, self.cfg, self.mode, attn_fn=self.attn)
-    split = rows_split(self.mesh, B)
-    if split not in self._jits:
-      self._jits[split] = jit_mesh_step(self.cfg, self.mode, self.attention_backend, self.mesh,
-                                        self._rules, self._shardings, split)
-    return self._jits[split]
+      return functools.partial(engine_steps.step, self.cfg, self.mode, attn_fn=self.attn,
+                               with_logprobs=with_logprobs)
+    key = (rows_split(self.mesh, B), with_logprobs)
+    if key not in self._jits:
+      self._jits[key] = jit_mesh_step(self.cfg, self.mode, self.attention_backend, self.mesh,
+                                      self._rules, self._shardings, *key)
+    return self._jits[key]
 
   def compiled_steps(self) -> int:
     """Compiled step programs so far (tests: adapters moving between tiers never recompile)."""
@@ -226,27 +267,17 @@ class DeviceRunner:
     deleted): no request can run again on this runner."""
     return bool(self.pages.is_deleted())
 
-  def execute(self, step: Step):
-    """Runs ``step``; returns the real rows' logits ``[num_rows, V]`` (float32, on device)."""
-    fn = self._step_fn(step.batch.shape[0])
-    logits, self.pages = fn(self.base, self.pool.weights, self.pages, step.batch)
-    return logits[:step.num_rows]
-
-  def sample(self, logits, rows: Sequence[SampleRow]) -> list[int]:
-    n = len(rows)
-    B = step_batch.bucket(n, self.max_batch)
-    pad = B - n
-    sp = [r[0] for r in rows]
-    f = lambda vals, dt: np.array(vals + [vals[0]] * pad, dt)  # noqa: E731
-    lg = jnp.pad(logits, ((0, pad), (0, 0))) if pad else logits
-    toks = np.asarray(sample(lg, f([p.temperature for p in sp], np.float32),
-                             f([p.top_k for p in sp], np.int32), f([p.top_p for p in sp], np.float32),
-                             f([p.seed for p in sp], np.uint32),
-                             f([r[1] for r in rows], np.int32)))[:n]
-    return [int(t) for t in toks]
-
-  def stack(self, logits: list):
-    return jnp.stack(logits)
+  def execute(self, step: Step) -> StepResult:
+    """Runs ``step``: the model and each row's sampling in one program, then one transfer of
+    the rows' tokens (and logprobs when a row asked) to the host."""
+    lp = step.with_logprobs
+    fn = self._step_fn(step.batch.shape[0], lp)
+    out, self.pages = fn(self.base, self.pool.weights, self.pages, step.batch)
+    n = step.num_rows
+    if not lp:
+      return StepResult(np.asarray(out.tokens)[:n])
+    o = jax.device_get(out)
+    return StepResult(o.tokens[:n], o.logprob[:n], o.top_ids[:n], o.top_logprobs[:n])
 
   def wait_until(self, t: float) -> None:
     """Idles until ``clock() >= t`` (nothing to run before then)."""
@@ -313,19 +344,13 @@ class RooflineRunner:
   def state_lost(self) -> bool:
     return False  # no device state
 
-  def execute(self, step: Step):
+  def execute(self, step: Step) -> StepResult:
     dt = self.sim.price(step, self.page_size, self.mode == "icarus")
     self.clock.advance(dt)
     self.sim.total_time += dt
     self.sim.steps += 1
-    return np.zeros((step.num_rows, 0), np.float32)
-
-  def sample(self, logits, rows: Sequence[SampleRow]) -> list[int]:
-    del logits
-    return [32 + zlib.crc32(f"{rid}/{n}".encode()) % 95 for _, n, rid in rows]
-
-  def stack(self, logits: list):
-    return np.stack(logits)
+    return StepResult(np.array([32 + zlib.crc32(f"{r.request_id}/{r.counter}".encode()) % 95
+                                for r in step.rows], np.int32))
 
   def wait_until(self, t: float) -> None:
     self.clock.advance_to(t)

@@ -1,5 +1,7 @@
 """Prometheus metrics of the server: counters and histograms fed when a request finishes,
-gauges read from the engine's snapshot (through the async loop, never the engine's fields)."""
+gauges read from the engine's snapshot (through the async loop, never the engine's fields).
+Models are labelled by the names the API uses (the base by ``base_name``), and finish reasons
+are what the client saw (a stop string ends a request as "stop", see ``Engine.abort``)."""
 
 from __future__ import annotations
 
@@ -9,12 +11,14 @@ from prometheus_client.core import GaugeMetricFamily
 from icarus_jax.serving.async_engine import AsyncEngine
 from icarus_jax.serving.engine import RequestOutput
 
+
 class ServerMetrics:
   """Prometheus metrics: counters/histograms fed on finish, gauges read from the snapshot."""
 
   LAT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
-  def __init__(self, aengine: AsyncEngine):
+  def __init__(self, aengine: AsyncEngine, base_name: str = "base"):
+    self.base_name = base_name
     self.registry = CollectorRegistry()
     r = self.registry
     self.requests = Counter("icarus_requests", "Finished requests.", ["model", "finish_reason"],
@@ -37,7 +41,7 @@ class ServerMetrics:
     aengine.on_finish(self.observe)
 
   def observe(self, out: RequestOutput) -> None:
-    model = out.adapter or "__base__"
+    model = out.adapter or self.base_name
     self.requests.labels(model, out.finish_reason or "unknown").inc()
     self.prompt_tokens.labels(model).inc(len(out.prompt_tokens))
     self.cached_tokens.labels(model).inc(out.num_cached_tokens)
@@ -69,6 +73,6 @@ class ServerMetrics:
     hit = GaugeMetricFamily("icarus_prefix_cache_hit_rate",
                             "Cached / prompt tokens per model since start.", labels=["model"])
     for name, d in sorted(s["per_adapter"].items(), key=lambda kv: str(kv[0])):
-      hit.add_metric([name or "__base__"], d["cached_tokens"] / max(1, d["prompt_tokens"]))
+      hit.add_metric([name or self.base_name], d["cached_tokens"] / max(1, d["prompt_tokens"]))
     hit.add_metric(["__all__"], s["cached_prompt_tokens"] / max(1, s["prompt_tokens"]))
     yield hit

@@ -15,10 +15,13 @@ page table 0, the null page):
   dec_token, dec_pos       ``[B]`` int32                ICaRus decoder row: last token, its position
   last_idx                 ``[B]`` int32                conventional step: index of the row's last new
                                                         token in ``tokens`` (logits taken there)
+  sampling                 ``sampling.SamplingBatch``   the rows' sampling parameters (the step
+                                                        samples on the device)
 
 :class:`Step` wraps a batch with what only the host needs (how many rows are real, decode or
 prefill); only the arrays enter the jitted program, so the compiled step depends on the bucket
-``(B, T, N)`` alone.
+``(B, T, N)`` alone, plus the sampling widths (``W`` adjustment slots, ``M`` grammar words:
+0 unless a row uses penalties / ``logit_bias`` / a grammar) and whether a row wants logprobs.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from icarus_jax.serving import sampling as sampling_lib
 from icarus_jax.serving.page_allocator import NULL_PAGE
+from icarus_jax.serving.sampling import GREEDY, SamplingBatch, SamplingParams
 
 ARRAY_FIELDS = ("tokens", "positions", "valid", "page_table", "slots", "dec_token", "dec_pos",
-                "last_idx")
+                "last_idx", "sampling")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +51,11 @@ class StepRow:
   num_new: int               # new tokens this step (0: a fully cached prompt, decoder row only)
   page_table: Sequence[int]  # pool pages, logical order
   slot: int                  # adapter slot
+  sampling: SamplingParams = GREEDY
+  counter: int = 0           # output tokens so far (the seeded draw's counter)
+  request_id: int = 0
+  adjust: tuple | None = None  # ``sampling.adjustments`` of the row (penalties, logit_bias)
+  allowed: np.ndarray | None = None  # the row's grammar bitmask (``grammar.Matcher.mask``)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +68,7 @@ class StepBatch:
   dec_token: np.ndarray
   dec_pos: np.ndarray
   last_idx: np.ndarray
+  sampling: SamplingBatch
 
   @property
   def shape(self) -> tuple[int, int, int]:
@@ -86,6 +97,11 @@ class Step:
   @functools.cached_property
   def batch(self) -> StepBatch:
     return _pack(self.rows, self.shape)
+
+  @functools.cached_property
+  def with_logprobs(self) -> bool:
+    """Whether any row asked for logprobs (the step then computes them: a separate program)."""
+    return any(r.sampling.logprobs is not None for r in self.rows)
 
   def row_costs(self) -> list[tuple[int, int, int]]:
     """``(context after the step, new tokens, slot)`` of each real row (the roofline's input)."""
@@ -147,4 +163,6 @@ def _pack(rows: Sequence[StepRow], shape: tuple[int, int, int]) -> StepBatch:
     last_idx[i] = max(k - 1, 0)
     if k:
       positions[i, k:] = last  # padding tokens: harmless positions (they write nowhere)
-  return StepBatch(tokens, positions, valid, table, slots, dec_token, dec_pos, last_idx)
+  sb = sampling_lib.pack([r.sampling for r in rows], [r.counter for r in rows],
+                         [r.adjust for r in rows], B, [r.allowed for r in rows])
+  return StepBatch(tokens, positions, valid, table, slots, dec_token, dec_pos, last_idx, sb)
