@@ -15,6 +15,7 @@ donated calls after warm-up. Prints one JSON line and writes it to ``--out``. On
 from __future__ import annotations
 
 import datetime
+import dataclasses
 import functools
 import json
 import platform
@@ -82,7 +83,7 @@ def main(argv):
     rows = [step_batch.StepRow([1] * FLAGS.context, FLAGS.context - 1, 1, list(table[b]),
                                slot if b % 2 else 0) for b in range(B)]
     st = step_batch.build(rows, decode=True, max_batch=B, prefill_chunk=16, max_pages=N)
-    batch = jax.device_put(st.batch)
+    batch = jax.device_put(dataclasses.replace(st.batch, sampling=None))
     for backend in FLAGS.backends:
       attn = {"reference": engine_steps.paged_attention_reference,
               "pallas": engine_steps.paged_attention_pallas}[backend]

@@ -45,7 +45,6 @@ from icarus_jax.model.sharding import AXES, load_rules
 from icarus_jax.serving import engine_steps
 from icarus_jax.serving.adapter_pool import AdapterPool
 from icarus_jax.serving.runner import jit_mesh_step, mesh_shardings, rows_split
-from icarus_jax.serving.sampling import SamplingBatch
 from icarus_jax.serving.step_batch import StepBatch
 
 #: libtpu refuses programs over this many bytes per device (its usable HBM).
@@ -239,15 +238,9 @@ def batch_structs(c: StepCase, rows: NamedSharding | None = None) -> StepBatch:
   def s(shape, dtype=jnp.int32):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=rows)
   B, T, N = c.B, c.T, c.N
-  f32, W = jnp.float32, 0  # ordinary rows: no penalties, biases or grammars
-  sb = SamplingBatch(temperature=s((B,), f32), top_k=s((B,)), top_p=s((B,), f32),
-                     min_p=s((B,), f32), seed=s((B,), jnp.uint32), counter=s((B,)),
-                     presence=s((B,), f32), frequency=s((B,), f32), repetition=s((B,), f32),
-                     adj_ids=s((B, W)), adj_count=s((B, W), f32), adj_penalized=s((B, W), jnp.bool_),
-                     adj_bias=s((B, W), f32), allowed=s((B, 0)))
   return StepBatch(tokens=s((B, T)), positions=s((B, T)), valid=s((B, T), jnp.bool_),
                    page_table=s((B, N)), slots=s((B,)), dec_token=s((B,)), dec_pos=s((B,)),
-                   last_idx=s((B,)), sampling=sb)
+                   last_idx=s((B,)), sampling=None)  # the model step does not read sampling
 
 
 def lower_serving_step(c: StepCase):

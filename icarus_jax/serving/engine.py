@@ -722,7 +722,7 @@ class Engine:
       for i in done:  # full pages of the prompt become shareable right away
         s = rows[i][0]
         self.kv.cache_computed(s.ns, s.tokens, s.page_table, s.cache_cursor)  # all computed
-      # every row was sampled in the step (per row and stateless); only finished ones keep it
+      # every row was sampled (per row and stateless); only the finished ones keep their token
       self._append_tokens([r[0] for r in rows], result, keep=done)
 
   def step(self) -> list[RequestOutput]:
@@ -893,7 +893,7 @@ class Engine:
   def warm_up(self, max_context: int | None = None, min_context: int = 1) -> int:
     """Compiles every step program this engine can run for sequences of ``min_context`` to
     ``max_context`` tokens (default: 1 to ``max_seq_len``): each (batch, new tokens, pages)
-    bucket, decode and prefill (sampling included: it runs inside the step) and the page copy;
+    bucket, decode and prefill, the sampler of each batch bucket and the page copy;
     so that no compile stalls a measured run. Requests with penalties, ``logit_bias``, a
     grammar or logprobs run programs of their own, compiled on first use. Runs on an idle engine
     with an empty prefix cache (its garbage K/V lands in free pages, which an owner overwrites

@@ -51,7 +51,6 @@ from icarus_jax.model.config import ModelConfig
 from icarus_jax.model.transformer import block, embed, head
 from icarus_jax.model.params import Params
 from icarus_jax.serving.step_batch import StepBatch
-from icarus_jax.serving.sampling import MAX_TOP_LOGPROBS, sample_rows
 from kernels_pallas.paged_attention import paged_attention
 from kernels_pallas.paged_attention import paged_attention_reference as paged_attention_jnp
 from kernels_pallas.reference import page_shape
@@ -261,11 +260,15 @@ icarus_step = jax.jit(icarus_forward, **_STEP_JIT)
 conventional_step = jax.jit(conventional_forward, **_STEP_JIT)
 
 
-def serving_logits(cfg: ModelConfig, mode: str, base: Params, pool: Params, pages: jax.Array,
-                   batch: StepBatch, attn_fn=None):
-  """The model half of the engine's step on a :class:`~icarus_jax.serving.step_batch.StepBatch`:
-  ``mode="icarus"`` runs :func:`icarus_forward`, ``"isolated"`` :func:`conventional_forward`.
-  Returns ``(logits [B, V] float32, pages)``."""
+def serving_step(cfg: ModelConfig, mode: str, base: Params, pool: Params, pages: jax.Array,
+                 batch: StepBatch, attn_fn=None):
+  """The model half of the engine's step on a :class:`~icarus_jax.serving.step_batch.StepBatch`
+  (its ``sampling`` is not read: pass ``sampling=None``, so the program does not depend on the
+  sampling widths): ``mode="icarus"`` runs :func:`icarus_forward`, ``"isolated"``
+  :func:`conventional_forward`. Returns ``(logits [B, V] float32, pages)``; the runner samples
+  from them on the device (``sampling.sample_step``). Un-jitted: the device runner jits it with
+  the shardings of its mesh (``runner.DeviceRunner``); :data:`step` is the jit without a mesh.
+  """
   b = batch
   if mode == "icarus":
     return icarus_forward(cfg, base, pool, pages, b.tokens, b.positions, b.valid, b.page_table,
@@ -274,21 +277,7 @@ def serving_logits(cfg: ModelConfig, mode: str, base: Params, pool: Params, page
                               b.page_table, b.last_idx, b.slots, attn_fn=attn_fn)
 
 
-def serving_step(cfg: ModelConfig, mode: str, base: Params, pool: Params, pages: jax.Array,
-                 batch: StepBatch, attn_fn=None, with_logprobs: bool = False):
-  """The engine's step: :func:`serving_logits`, then each row's next token drawn on the device
-  under its own parameters (``sampling.sample_rows``). Returns ``(Sampled, pages)``: token ids
-  ``[B]`` (and logprobs when ``with_logprobs``), so one small transfer per step reaches the host.
-  Un-jitted: the device runner jits it with the shardings of its mesh (``runner.DeviceRunner``);
-  :data:`step` is the jit without a mesh.
-  """
-  logits, pages = serving_logits(cfg, mode, base, pool, pages, batch, attn_fn=attn_fn)
-  out = sample_rows(logits, batch.sampling, num_top=MAX_TOP_LOGPROBS, with_logprobs=with_logprobs)
-  return out, pages
-
-
-step = jax.jit(serving_step, static_argnames=("cfg", "mode", "attn_fn", "with_logprobs"),
-               donate_argnums=(4,))
+step = jax.jit(serving_step, static_argnames=("cfg", "mode", "attn_fn"), donate_argnums=(4,))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))

@@ -1,5 +1,5 @@
 """Structured outputs: grammars compiled by llguidance, one matcher per request, a token bitmask
-per step applied inside the jitted sampler.
+per step applied by the jitted sampler on the device.
 
 Why llguidance (``docs/server.md``, "Structured outputs"): it has no dependencies (xgrammar
 needs torch, triton and transformers, which a JAX server should not pull in), it reads any

@@ -19,7 +19,7 @@ Interface (both):
   copy_page(src, dst)                      copy-on-write of a partially shared page
   execute(step) -> StepResult              one step (``step_batch.Step``; donated pages): each
                                            real row's next token (and logprobs when asked),
-                                           sampled inside the step under the row's parameters
+                                           sampled on the device under the row's parameters
   wait_until(t)                            idle until the clock reads ``t``
 """
 
@@ -45,7 +45,7 @@ from icarus_jax.serving.cost_model import RooflineSimulator
 from icarus_jax.serving.engine_config import ATTENTION_BACKENDS
 from icarus_jax.errors import IcarusError
 from icarus_jax.model.params import Params, base_fingerprint
-from icarus_jax.serving.sampling import SAMPLING_FIELDS, Sampled, SamplingBatch
+from icarus_jax.serving.sampling import MAX_TOP_LOGPROBS, sample_step
 from icarus_jax.serving import step_batch
 from icarus_jax.serving.step_batch import Step, StepBatch
 
@@ -148,19 +148,18 @@ def mesh_attention(backend: str, mesh, rules: dict, split_rows: bool
 
 
 def jit_mesh_step(cfg: ModelConfig, mode: str, backend: str, mesh, rules: dict, sh: dict,
-                  split_rows: bool, with_logprobs: bool = False):
+                  split_rows: bool):
   """``engine_steps.serving_step`` jitted for ``mesh`` with explicit in/out shardings (``sh``
   from :func:`mesh_shardings`), the pool donated; batch rows over ``data`` when ``split_rows``.
+  The batch's ``sampling`` is None (the model does not read it).
   """
   rows = NamedSharding(mesh, P("data") if split_rows else P())
-  batch_sh = StepBatch(*[rows] * (len(step_batch.ARRAY_FIELDS) - 1),
-                       SamplingBatch(*[rows] * len(SAMPLING_FIELDS)))
+  batch_sh = StepBatch(*[rows] * (len(step_batch.ARRAY_FIELDS) - 1), None)
+  logits_sh = NamedSharding(mesh, P("data" if split_rows else None, None))
   attn = mesh_attention(backend, mesh, rules, split_rows)
-  return jax.jit(functools.partial(engine_steps.serving_step, cfg, mode, attn_fn=attn,
-                                   with_logprobs=with_logprobs),
+  return jax.jit(functools.partial(engine_steps.serving_step, cfg, mode, attn_fn=attn),
                  in_shardings=(sh["base"], sh["pool"], sh["pages"], batch_sh),
-                 out_shardings=(Sampled(rows, rows, rows, rows), sh["pages"]),
-                 donate_argnums=(2,))
+                 out_shardings=(logits_sh, sh["pages"]), donate_argnums=(2,))
 
 
 class DeviceRunner:
@@ -207,17 +206,16 @@ class DeviceRunner:
     """The attention of this runner's step on its mesh (:func:`mesh_attention`)."""
     return mesh_attention(self.attention_backend, self.mesh, self._rules, split_rows)
 
-  def _step_fn(self, B: int, with_logprobs: bool):
+  def _step_fn(self, B: int):
     """The jitted step for batch bucket ``B``: without a mesh the module-level jit; on a mesh
     :func:`jit_mesh_step` (batch rows over ``data`` when ``B`` divides, else replicated)."""
     if self.mesh is None:
-      return functools.partial(engine_steps.step, self.cfg, self.mode, attn_fn=self.attn,
-                               with_logprobs=with_logprobs)
-    key = (rows_split(self.mesh, B), with_logprobs)
-    if key not in self._jits:
-      self._jits[key] = jit_mesh_step(self.cfg, self.mode, self.attention_backend, self.mesh,
-                                      self._rules, self._shardings, *key)
-    return self._jits[key]
+      return functools.partial(engine_steps.step, self.cfg, self.mode, attn_fn=self.attn)
+    split = rows_split(self.mesh, B)
+    if split not in self._jits:
+      self._jits[split] = jit_mesh_step(self.cfg, self.mode, self.attention_backend, self.mesh,
+                                        self._rules, self._shardings, split)
+    return self._jits[split]
 
   def compiled_steps(self) -> int:
     """Compiled step programs so far (tests: adapters moving between tiers never recompile)."""
@@ -268,11 +266,15 @@ class DeviceRunner:
     return bool(self.pages.is_deleted())
 
   def execute(self, step: Step) -> StepResult:
-    """Runs ``step``: the model and each row's sampling in one program, then one transfer of
-    the rows' tokens (and logprobs when a row asked) to the host."""
+    """Runs ``step``: the model program, then each row's sampling on its logits
+    (``sampling.sample_step``, dispatched without a host sync), then one transfer of the rows'
+    tokens (and logprobs when a row asked) to the host."""
     lp = step.with_logprobs
-    fn = self._step_fn(step.batch.shape[0], lp)
-    out, self.pages = fn(self.base, self.pool.weights, self.pages, step.batch)
+    b = step.batch
+    fn = self._step_fn(b.shape[0])
+    logits, self.pages = fn(self.base, self.pool.weights, self.pages,
+                            dataclasses.replace(b, sampling=None))
+    out = sample_step(logits, b.sampling, num_top=MAX_TOP_LOGPROBS, with_logprobs=lp)
     n = step.num_rows
     if not lp:
       return StepResult(np.asarray(out.tokens)[:n])
@@ -296,8 +298,8 @@ class DeviceRunner:
       st = step_batch.build([step_batch.StepRow(ids, start, k, table, slot)], decode=False,
                             max_batch=1, prefill_chunk=prefill_chunk, max_pages=max_pages)
       attn = self.attn if self.mesh is None else self.sharded_attention(False)
-      _, pages = engine_steps.step(cfg, self.mode, self.base, self.pool.weights, pages, st.batch,
-                                   attn_fn=attn)
+      _, pages = engine_steps.step(cfg, self.mode, self.base, self.pool.weights, pages,
+                                   dataclasses.replace(st.batch, sampling=None), attn_fn=attn)
     kv = np.asarray(pages)[:, 1:].transpose(0, 1, 3, 2, 4).reshape(
         cfg.num_layers, n_pages * page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
     return kv[:, :len(ids)]
