@@ -34,6 +34,9 @@ flags.DEFINE_integer("long", 3000, "tokens of the arriving prompt")
 flags.DEFINE_integer("warm_tokens", 20, "tokens each running request has made before it arrives")
 flags.DEFINE_integer("repeats", 3, "runs (the median of each number is reported)")
 flags.DEFINE_string("mode", "icarus", "engine mode")
+flags.DEFINE_bool("mixed_steps", False, "decode rows ride the prefill call (one call per step)")
+flags.DEFINE_integer("max_num_batched_tokens", None, "the engine's per-step token budget "
+                     "(default: the engine's default, max_batch * prefill_chunk)")
 
 
 def one_run(eng: Engine, rng) -> dict:
@@ -68,7 +71,9 @@ def main(argv):
   del argv
   cfg = tiny_config(max_seq_len=4096)
   params = init_base_params(cfg, jax.random.key(0), scale=0.1)
-  eng = Engine(cfg, params, mode=FLAGS.mode, num_pages=512)
+  eng = Engine(cfg, params, mode=FLAGS.mode, num_pages=512,
+               max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+               mixed_steps=FLAGS.mixed_steps)
   shapes = eng.warm_up(max_context=FLAGS.long + 64)
   rng = np.random.RandomState(0)
   runs = [one_run(eng, rng) for _ in range(FLAGS.repeats)]

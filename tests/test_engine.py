@@ -445,3 +445,62 @@ def test_mixed_steps_equal_naive_reference(setup, mode, backend):
       lens = [k for _, _, k in e[2]]
       mixed += 1 in lens and any(k > 1 for k in lens)
   assert mixed > 0
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_token_budget_bounds_every_step_and_keeps_decodes_running(setup, mixed):
+  """``max_num_batched_tokens``: while a long prompt is prefilled, every step still decodes every
+  running request (decode rows are planned first) and computes at most the budget; the long
+  prompt runs in chunks of what is left; outputs still equal the naive reference."""
+  budget = 12
+  eng = make_engine(setup, "icarus", max_num_batched_tokens=budget, mixed_steps=mixed,
+                    record_schedule=True)
+  names = ["agent0", "agent1", None]
+  short = prompts(7, [5, 9, 6])
+  sp = SamplingParams(max_tokens=24)
+  rids = [eng.submit(p, a, sp) for p, a in zip(short, names)]
+  while min(len(eng.outputs[r].output_tokens) for r in rids) < 2:
+    eng.step()
+  (long_prompt,) = prompts(8, [150])
+  long_rid = eng.submit(long_prompt, "agent2", SamplingParams(max_tokens=3))
+  steps = []
+  while eng.outputs[long_rid].first_token_time is None:
+    before, live = len(eng.schedule_log), {r for r in rids if not eng.outputs[r].finished}
+    eng.step()
+    eng.check_invariants()
+    steps.append((live, [e for e in eng.schedule_log[before:] if e[0] == "step"]))
+  for live, calls in steps:
+    rows = [r for _, _, rs in calls for r in rs]
+    assert sum(n for _, _, n in rows) <= budget
+    # every running request got its token in the step
+    assert {rid for rid, _, n in rows if n == 1 and rid != long_rid} == live, rows
+    assert all(n <= budget - len(live) for rid, _, n in rows if rid == long_rid)
+  assert len(steps) >= 150 // (budget - len(rids))  # chunked by the budget, not by prefill_chunk
+  for _ in eng.run():
+    pass
+  for r, p, a in zip(rids, short, names):
+    assert eng.outputs[r].output_tokens == ref(setup, eng, a, p, 24)
+  assert eng.outputs[long_rid].output_tokens == ref(setup, eng, "agent2", long_prompt, 3)
+
+
+def test_token_budget_is_checked(setup):
+  with pytest.raises(IcarusError, match="max_num_batched_tokens must be an int >= max_batch"):
+    make_engine(setup, "icarus", max_num_batched_tokens=2)  # max_batch 4: decodes would not fit
+
+
+def test_request_status_follows_the_request(setup):
+  """WAITING -> PREFILLING -> DECODING -> gone from the queues, as the public views show."""
+  from icarus_jax.serving.request import RequestStatus
+  eng = make_engine(setup, "icarus", prefill_chunk=8)
+  rid = eng.submit(prompts(3, [20])[0], "agent0", SamplingParams(max_tokens=3))
+  (req,) = eng.waiting
+  seen = [req.status]
+  while eng.has_work:
+    eng.step()
+    eng.check_invariants()
+    seen.append(req.status)
+  assert [s for i, s in enumerate(seen) if i == 0 or s != seen[i - 1]] == [
+      RequestStatus.WAITING, RequestStatus.PREFILLING, RequestStatus.DECODING,
+      RequestStatus.FINISHED]
+  assert seen.count(RequestStatus.PREFILLING) == 2  # 20 tokens in chunks of 8: 3 calls
+  assert eng.outputs[rid].finish_reason == "length" and not eng.running and not eng.waiting

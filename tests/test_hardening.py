@@ -99,13 +99,13 @@ def test_a_poisoned_request_fails_alone(tiny, tiny_adapters, where, monkeypatch)
     bad = eng.submit(bad_prompt, "agent1", SamplingParams(max_tokens=6), callback=cb)
   else:  # the device step itself raises whenever the bad request's row is in the batch
     bad = eng.submit(bad_prompt, "agent1", SamplingParams(max_tokens=6))
-    run_rows = eng._run_rows
+    execute = eng.runner.execute
 
-    def faulty(rows, decode):
-      if any(s.rid == bad for s, _, _ in rows):
+    def faulty(step):
+      if any(r.request_id == bad for r in step.rows):
         raise FloatingPointError("non-finite activations in this row")
-      return run_rows(rows, decode)
-    monkeypatch.setattr(eng, "_run_rows", faulty)
+      return execute(step)
+    monkeypatch.setattr(eng.runner, "execute", faulty)
   rids = [eng.submit(p, a, sp) for p, a in zip(good, names)]
   while eng.has_work:
     eng.step()

@@ -492,9 +492,25 @@ def test_256_concurrent_requests_over_8_adapters(server, direct):
   print(f"256 requests in {elapsed:.1f}s")
 
 
-def test_disconnect_mid_stream_frees_pages(server):
+def test_disconnect_mid_stream_frees_pages(server, monkeypatch):
   eng, aeng = server["engine"], server["aengine"]
-  gate = threading.Event()
+  aborting = threading.Event()
+  step, abort = eng.step, aeng.abort
+
+  def step_or_wait_for_the_abort():
+    # Near its end, hold the engine thread until the server has asked for the abort, so the
+    # request cannot run to its end first (the server buffers ahead of a slow reader: on loaded
+    # cores it once finished all its tokens and nothing was left to abort).
+    if any(s.adapter == "agent2" and s.num_output >= 400 for s in eng.running):
+      aborting.wait(60)
+    return step()
+
+  def abort_seen(rid, reason="abort"):
+    aborting.set()
+    return abort(rid, reason)
+
+  monkeypatch.setattr(eng, "step", step_or_wait_for_the_abort)
+  monkeypatch.setattr(aeng, "abort", abort_seen)
   try:
     with httpx.stream("POST", server["url"] + "/v1/completions", headers=AUTH, timeout=60,
                       json=dict(model="agent2", prompt="tell me a long story", max_tokens=480,
@@ -506,16 +522,9 @@ def test_disconnect_mid_stream_frees_pages(server):
           n += 1
         if n >= 3:
           break
-      # Hold the engine thread between steps, so the request cannot run to its end before the
-      # client is gone (the server buffers tokens ahead of a slow reader; on loaded cores it once
-      # finished first and nothing was left to abort).
-      held = aeng.call(lambda e: gate.wait(60))
-      assert wait_for(lambda: held.running(), 10)
-      assert any(s.adapter == "agent2" and s.page_table for s in eng.running), (
-          [(s.adapter, len(s.page_table), len(s.tokens)) for s in eng.running], len(eng.waiting),
-          {k: (v.finish_reason, len(v.output_tokens)) for k, v in eng.outputs.items()})
-  finally:
-    gate.set()
+  except BaseException:
+    aborting.set()  # do not leave the engine thread waiting
+    raise
   # Client gone: the request is aborted and every page it held is released.
   assert wait_for(lambda: no_live_pages(eng)), (len(eng.running), eng.pages_used())
   m = httpx.get(server["url"] + "/metrics").text

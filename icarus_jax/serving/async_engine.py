@@ -13,7 +13,7 @@ server does not grow; ``snapshot()`` is a copy of the counters taken on the engi
 each step (safe to read from any thread).
 
 Faults: the engine isolates a request that makes a step raise (it fails that request only, see
-``Engine._run_rows_isolated``); if a step still raises, every live request fails with the error
+``Engine._run_isolated``); if a step still raises, every live request fails with the error
 and serving continues, unless the step failed after the KV pool was donated to the device
 (``Engine.state_lost``): then nothing can be re-run and the thread dies with
 :class:`~icarus_jax.errors.EngineStateLostError` (fail fast, never lie). If anything escapes the loop (a ``BaseException``, a bug in this class),

@@ -29,6 +29,10 @@ class EngineConfig:
   max_batch: int = field(default=8, metadata={"help": "most requests decoded together"})
   prefill_chunk: int = field(default=64, metadata={
       "help": "most new prompt tokens per request in one prefill call"})
+  max_num_batched_tokens: int | None = field(default=None, metadata={
+      "help": "most tokens one step computes (decode rows first, then prefill chunks in what "
+              "is left): smaller keeps running requests' token gaps short while a long prompt "
+              "is prefilled, at the cost of its TTFT; default: max_batch * prefill_chunk"})
   max_adapters: int = field(default=8, metadata={
       "help": "device adapter slots; any number of adapters can be registered and are swapped "
               "into a slot on demand (LRU)"})
@@ -59,6 +63,10 @@ class EngineConfig:
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise IcarusError(f"{name} must be a positive int, got {v!r}")
+    v = self.max_num_batched_tokens
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < self.max_batch):
+      raise IcarusError(f"max_num_batched_tokens must be an int >= max_batch ({self.max_batch}: "
+                        f"every running request decodes in each step) or None, got {v!r}")
     if self.max_seq_len is not None and self.max_seq_len < 1:
       raise IcarusError(f"max_seq_len must be positive or None, got {self.max_seq_len}")
     if self.max_host_adapters is not None and self.max_host_adapters < 0:

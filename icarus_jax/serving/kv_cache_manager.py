@@ -2,7 +2,7 @@
 
 :class:`KVCacheManager` owns the page allocator (``page_allocator.PageAllocator``: free list and
 refcounts), the prefix cache (``prefix_cache.PrefixCache``: a radix tree per namespace) and the
-contexts retained for workflow sessions. The scheduler (``engine.Engine``) never touches a
+contexts retained for workflow sessions. The scheduler (``scheduler.Scheduler``) never touches a
 refcount: it asks
 
 * :meth:`reserve` for a sequence's pages: the longest cached prefix in its namespace (shared,

@@ -140,6 +140,35 @@ def build(rows: Sequence[StepRow], *, decode: bool, max_batch: int, prefill_chun
   return Step(tuple(rows), (B, T, N), decode)
 
 
+def every_bucket(*, max_batch: int, prefill_chunk: int, page_size: int, max_pages: int,
+                 min_pages: int = 1, lo_pages: int = 1, hi_pages: int | None = None
+                 ) -> list[tuple[bool, int, int, int]]:
+  """Every ``(decode, B, T, N)`` bucket the scheduler can produce with page buckets in
+  ``[lo_pages, hi_pages]`` (bucketed), skipping token buckets no row of ``N`` pages fills."""
+  lo_p = bucket(lo_pages, max_pages, lo=min_pages)
+  hi_p = bucket(hi_pages or max_pages, max_pages)
+  t_lo = min(8, prefill_chunk)
+  out = []
+  for B in buckets(max_batch):
+    for N in buckets(max_pages):
+      if not (lo_p <= N <= hi_p and N >= min_pages):
+        continue
+      for decode, T in [(True, 1)] + [(False, T) for T in buckets(prefill_chunk, lo=t_lo)]:
+        new = min(T, N * page_size)
+        if not decode and new <= T // 2 and T > t_lo:
+          continue  # no row of this bucket fits N pages
+        out.append((decode, B, T, N))
+  return out
+
+
+def num_buckets(*, max_batch: int, prefill_chunk: int, max_pages: int, min_pages: int = 1) -> int:
+  """Upper bound on distinct step shapes (compiled programs) of an engine."""
+  nb = len(buckets(max_batch))
+  nt = len(buckets(prefill_chunk, lo=min(8, prefill_chunk)))
+  nn = len([N for N in buckets(max_pages) if N >= min_pages])
+  return nb * nn * (nt + 1)
+
+
 def _pack(rows: Sequence[StepRow], shape: tuple[int, int, int]) -> StepBatch:
   B, T, N = shape
   tokens = np.zeros((B, T), np.int32)
