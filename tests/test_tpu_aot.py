@@ -57,10 +57,12 @@ def _budget_pages(topology: str, model: int) -> int:
   return cost_model.kv_budget(LLAMA8B, hw, chips=model, adapter_slots=8, lora_rank=16).kv_pages
 
 
+# Every mode x backend x bucket on v6e; ICaRus (the shipped mode) on v5e as well (the isolated
+# baseline's step differs only by where the adapter applies, not by the pool's layout): CI time.
 @pytest.mark.parametrize("bucket", ["decode", "prefill"])
 @pytest.mark.parametrize("backend", ["reference", "pallas"])
-@pytest.mark.parametrize("mode", ["icarus", "isolated"])
-@pytest.mark.parametrize("topology", ["v5e:2x4", "v6e:2x4"])
+@pytest.mark.parametrize("topology,mode", [("v5e:2x4", "icarus"), ("v6e:2x4", "icarus"),
+                                           ("v6e:2x4", "isolated")])
 def test_llama8b_serving_step_compiles_fits_and_keeps_the_pool_in_place(topology, mode, backend,
                                                                        bucket):
   """Llama-3.1-8B, bf16, data 2 x model 4, 8 adapter slots of rank 16, the pool kv_budget gives:
@@ -88,13 +90,14 @@ def _small_8b_heads(layers=2):
 @pytest.mark.parametrize("backend", ["reference", "pallas"])
 @pytest.mark.parametrize("mesh", [m for m in MESHES if m != (2, 4)],
                          ids=lambda m: f"data{m[0]}xmodel{m[1]}")
-@pytest.mark.parametrize("topology", ["v5e:2x4", "v6e:2x4"])
+@pytest.mark.parametrize("topology", ["v6e:2x4"])
 def test_pool_in_place_on_every_mesh(topology, mesh, backend):
   """The TPU twin of tests/test_kv_in_place.py: for every (data, model) split of 8 chips, decode
   and prefill buckets, the compiled step has no pool-shaped copy, transpose or collective, and
   its temporaries do not grow when the pool grows 8x (each device's 0.5 -> 4 GiB). Data 2 x
   model 4 is the full Llama-3.1-8B test above (same checks, temporaries under 10% of the real
-  pool, both chips, both backends, both modes): not compiled twice, CI's time is finite."""
+  pool, both chips, both backends): not compiled twice. The other splits run on v6e only (the
+  per-chip tiling is covered by the 8B test on both chips): CI's time is finite."""
   cfg = _small_8b_heads()
   # Per-device pools of 0.5 and 4 GiB: larger than VMEM (128 MiB), so libtpu cannot stage the
   # whole pool on chip (it prefetches a pool that small into VMEM, a copy that real pools never
